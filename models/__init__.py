@@ -1,0 +1,1 @@
+"""Model backends and the model catalog. Nothing here imports `server`."""

@@ -1,0 +1,146 @@
+"""`replicant serve`: the command line, with every setting also readable from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+from aiohttp import web
+
+from models.catalog import CatalogError, load_catalog
+from server import __version__
+from server.app import create_app
+from server.auth import TOKENS_ENV, load_tokens, tokens_from_env
+from server.config import DEFAULT_HOST, DEFAULT_PORT, Config
+
+log = logging.getLogger("replicant")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"REPLICANT_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="replicant",
+        description="A self-hosted, Replicate-compatible prediction server.",
+    )
+    parser.add_argument("--version", action="version", version=f"replicant {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve the models of a catalog over the Replicate HTTP API",
+        description=(
+            "Serve the models of a catalog over the Replicate HTTP API. Every flag can also be "
+            "set with the environment variable named in its help. API tokens come from "
+            f"{TOKENS_ENV} (comma-separated); without it a token is generated into the data "
+            "directory on first start and printed once."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("--host", default=_env("HOST", DEFAULT_HOST),
+                       help="address to listen on; 0.0.0.0 for every interface (REPLICANT_HOST)")
+    serve.add_argument("--port", type=int, default=int(_env("PORT", str(DEFAULT_PORT))),
+                       help="TCP port to listen on (REPLICANT_PORT)")
+    serve.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", "data")),
+                       help="where the database, the API token and prepared models live "
+                            "(REPLICANT_DATA_DIR)")
+    serve.add_argument("--catalog", type=Path, default=_env("CATALOG", "") or None,
+                       help="catalog TOML file naming the served models; default: the built-in "
+                            "catalog with SmolLM2-135M-Instruct (REPLICANT_CATALOG)")
+    serve.add_argument("--public-url", default=_env("PUBLIC_URL", "") or None,
+                       help="base URL for absolute links when behind a proxy, e.g. "
+                            "https://models.example.com; default: the request's Host "
+                            "(REPLICANT_PUBLIC_URL)")
+    serve.add_argument("--max-body-bytes", type=int,
+                       default=int(_env("MAX_BODY_BYTES", str(10 * 1024 * 1024))),
+                       help="largest request body accepted; larger ones get 413 "
+                            "(REPLICANT_MAX_BODY_BYTES)")
+    serve.add_argument("--queue-size", type=int, default=int(_env("QUEUE_SIZE", "256")),
+                       help="predictions that may wait per model before creates get 429 "
+                            "(REPLICANT_QUEUE_SIZE)")
+    serve.add_argument("--flush-interval", type=float,
+                       default=float(_env("FLUSH_INTERVAL", "0.5")),
+                       help="seconds between writes of running predictions' output to the "
+                            "database (REPLICANT_FLUSH_INTERVAL)")
+    serve.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+                       choices=["debug", "info", "warning", "error"],
+                       help="how much to log (REPLICANT_LOG_LEVEL)")
+    return parser
+
+
+def banner(url: str, token_note: str, models: Sequence[str]) -> str:
+    """What startup prints: where to point a client, with which token, for which models."""
+    first = models[0] if models else "owner/name"
+    lines = [
+        f"replicant {__version__} listening on {url}",
+        f"  API token: {token_note}",
+        "  Models:",
+        *(f"      {m}" for m in models),
+        "  Point a client at it:",
+        f"      export REPLICATE_BASE_URL={url} REPLICATE_API_TOKEN=<token>",
+        f'      curl -s {url}/v1/run -H "Authorization: Bearer $REPLICATE_API_TOKEN" \\',
+        f"        -d '{{\"model\": \"{first}\", \"input\": "
+        f"{{\"prompt\": \"What is the capital of France?\"}}}}'",
+        f"  Health: {url}/health-check    API description: {url}/openapi.json",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    configured = tokens_from_env()
+    config = Config(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        catalog_path=args.catalog,
+        api_tokens=configured,
+        public_url=args.public_url,
+        max_body_bytes=args.max_body_bytes,
+        queue_size=args.queue_size,
+        flush_interval=args.flush_interval,
+    )
+    try:
+        catalog = load_catalog(config.catalog_path, data_dir=config.data_dir)
+    except CatalogError as exc:
+        print(f"replicant: {exc}", file=sys.stderr)
+        return 2
+    tokens, new_token = load_tokens(config.api_tokens, config.data_dir)
+    if new_token:
+        token_note = f"{new_token}  (generated now, kept in {config.data_dir / 'api-token'})"
+    elif configured:
+        token_note = f"from {TOKENS_ENV}"
+    else:
+        token_note = f"the one in {config.data_dir / 'api-token'}"
+    app = create_app(attrs.evolve(config, api_tokens=tokens), catalog=catalog)
+    models = [entry.ref for entry in catalog]
+
+    async def announce(_: web.Application) -> None:
+        url = config.public_url or config.listen_url
+        print(banner(url, token_note, models), flush=True)
+
+    app.on_startup.append(announce)
+    web.run_app(app, host=config.host, port=config.port, print=None,
+                access_log_format='%a "%r" %s %b %Tfs', shutdown_timeout=10)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,331 @@
+"""PredictionService: the lifecycle of predictions, from create to a stored terminal state.
+
+This is the one place that changes a `Prediction`. It admits and validates a create, commits
+the new row before the route answers, hands a `Job` to the model's `Runner`, turns what the
+model reports (through a thread-safe sink) into state changes and stream events, flushes
+running predictions to SQLite on a short interval, and stores the terminal state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from models.base import Job, ModelInputError
+from models.catalog import ModelEntry
+from server.errors import InputInvalid, NotFound, Unavailable
+from server.events import EventLog, StreamEvent, done_events, event_id
+from server.records import Prediction, Status, new_prediction_id
+from server.runner import QueuedJob, Runner, RunnerState
+from server.store import PredictionStore
+from server.validation import InputValidator
+
+log = logging.getLogger(__name__)
+
+#: Called on every change a webhook or a metric may care about: (prediction, event name).
+Listener = Callable[[Prediction, str], None]
+
+
+@attrs.frozen(kw_only=True)
+class CreateRequest:
+    input: Any
+    webhook: str | None = None
+    webhook_events_filter: tuple[str, ...] | None = None
+    source: str = "api"
+
+
+@attrs.define(eq=False, kw_only=True)
+class LivePrediction:
+    """A prediction that has not finished: its state, its event log and its job."""
+
+    prediction: Prediction
+    events: EventLog
+    job: Job
+    runner: Runner
+    done: asyncio.Event = attrs.field(factory=asyncio.Event)
+    dirty: bool = False
+
+
+class _ThreadSink:
+    """The `Sink` a backend reports to; each call hops onto the event loop."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, service: PredictionService, prediction_id: str
+    ) -> None:
+        self._loop = loop
+        self._service = service
+        self._id = prediction_id
+
+    def output(self, chunk: Any) -> None:
+        self._loop.call_soon_threadsafe(self._service._on_output, self._id, chunk)
+
+    def log(self, text: str) -> None:
+        self._loop.call_soon_threadsafe(self._service._on_log, self._id, text)
+
+    def metrics(self, values: Mapping[str, float | int]) -> None:
+        self._loop.call_soon_threadsafe(self._service._on_metrics, self._id, dict(values))
+
+
+class PredictionService:
+    def __init__(
+        self,
+        store: PredictionStore,
+        runners: Mapping[str, Runner],
+        *,
+        flush_interval: float,
+    ) -> None:
+        self.store = store
+        self.runners = runners
+        self.listeners: list[Listener] = []
+        self._validators: dict[str, InputValidator] = {}
+        self._live: dict[str, LivePrediction] = {}
+        #: Event logs of recently finished predictions, for late stream readers.
+        self._recent: dict[str, EventLog] = {}
+        self._flush_interval = flush_interval
+        self._accepting = True
+
+    # -- creating ---------------------------------------------------------------------------
+
+    def validator(self, entry: ModelEntry) -> InputValidator:
+        validator = self._validators.get(entry.ref)
+        if validator is None:
+            validator = self._validators[entry.ref] = InputValidator(entry.schema)
+        return validator
+
+    async def create(self, entry: ModelEntry, version: str, request: CreateRequest) -> Prediction:
+        """Admit, validate, store (committed) and enqueue a prediction."""
+        if not self._accepting:
+            raise Unavailable(
+                "The server is shutting down and takes no new predictions.",
+                headers={"Retry-After": "5"},
+            )
+        runner = self.runners[entry.ref]
+        runner.admit()
+        checked = self.validator(entry).validate(request.input)
+        backend = runner.backend
+        if backend is not None:
+            try:
+                # Backends may tokenize here; keep that off the event loop.
+                await asyncio.to_thread(backend.check_input, checked.values, checked.provided)
+            except ModelInputError as exc:
+                raise InputInvalid([{"field": exc.field, "message": exc.message}]) from exc
+        elif runner.state is RunnerState.SETUP_FAILED:
+            raise Unavailable(f"Model {entry.ref} failed to load: {runner.setup_error}")
+        prediction = Prediction(
+            id=new_prediction_id(),
+            model=entry.ref,
+            version=version,
+            input=request.input,
+            source=request.source,
+            webhook=request.webhook,
+            stream_token=secrets.token_urlsafe(32) if entry.schema.output_is_iterator else None,
+        )
+        if request.webhook_events_filter is not None:
+            prediction.webhook_events_filter = request.webhook_events_filter
+        if checked.ignored:
+            prediction.logs = f"Ignored input fields not in the schema: {', '.join(checked.ignored)}\n"
+        job = Job(
+            input=checked.values,
+            provided=checked.provided,
+            sink=_ThreadSink(asyncio.get_running_loop(), self, prediction.id),
+        )
+        await self.store.insert(prediction)
+        live = LivePrediction(prediction=prediction, events=EventLog(), job=job, runner=runner)
+        if prediction.logs:
+            live.events.append(
+                StreamEvent("logs", prediction.logs, event_id(0, len(prediction.logs)))
+            )
+        self._live[prediction.id] = live
+        runner.submit(
+            QueuedJob(
+                job=job,
+                batch_key=backend.batch_key(checked.values, checked.provided) if backend else None,
+                started=lambda: self._on_started(prediction.id),
+                finished=lambda outcome: self._on_finished(prediction.id, outcome),
+            )
+        )
+        self._notify(prediction, "created")
+        return prediction
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def get(self, prediction_id: str) -> Prediction | None:
+        live = self._live.get(prediction_id)
+        if live is not None:
+            return live.prediction
+        return await self.store.get(prediction_id)
+
+    def live(self, prediction_id: str) -> LivePrediction | None:
+        return self._live.get(prediction_id)
+
+    def event_log(self, prediction_id: str) -> EventLog | None:
+        live = self._live.get(prediction_id)
+        if live is not None:
+            return live.events
+        return self._recent.get(prediction_id)
+
+    async def wait(self, prediction_id: str, timeout: float) -> Prediction:
+        """The prediction once it has finished, or as it is when `timeout` seconds pass."""
+        live = self._live.get(prediction_id)
+        if live is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.done.wait(), timeout)
+        prediction = await self.get(prediction_id)
+        if prediction is None:
+            raise NotFound(f"Prediction {prediction_id} was not found.")
+        return prediction
+
+    # -- cancelling -------------------------------------------------------------------------
+
+    async def cancel(self, prediction_id: str, *, reason: str | None = None) -> Prediction | None:
+        """Cancel in any state; a finished prediction comes back unchanged."""
+        live = self._live.get(prediction_id)
+        if live is None:
+            return await self.store.get(prediction_id)
+        if reason:
+            self._on_log(prediction_id, f"{reason}\n")
+        if live.runner.remove(live.job):
+            await self._finish(live, Status.CANCELED, None)
+            return live.prediction
+        live.job.cancel_event.set()
+        # A running job stops within one decoding step; wait briefly so the answer says so.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(live.done.wait(), 5)
+        return live.prediction
+
+    # -- what the runner and the model report -----------------------------------------------
+
+    def _on_started(self, prediction_id: str) -> None:
+        live = self._live.get(prediction_id)
+        if live is None or live.prediction.status is not Status.STARTING:
+            return
+        live.prediction.transition(Status.PROCESSING)
+        live.dirty = True
+        self._notify(live.prediction, "start")
+
+    def _on_output(self, prediction_id: str, chunk: Any) -> None:
+        live = self._live.get(prediction_id)
+        if live is None or live.prediction.status.terminal:
+            return
+        p = live.prediction
+        if live.runner.backend is not None and not live.runner.backend.output_is_iterator:
+            p.output = chunk
+            count = 1
+        else:
+            if not isinstance(p.output, list):
+                p.output = []
+            p.output.append(chunk)
+            count = len(p.output)
+        live.dirty = True
+        text = chunk if isinstance(chunk, str) else str(chunk)
+        live.events.append(StreamEvent("output", text, event_id(count, len(p.logs))))
+        self._notify(p, "output")
+
+    def _on_log(self, prediction_id: str, text: str) -> None:
+        live = self._live.get(prediction_id)
+        if live is None or live.prediction.status.terminal or not text:
+            return
+        p = live.prediction
+        p.logs += text
+        live.dirty = True
+        outputs = len(p.output) if isinstance(p.output, list) else int(p.output is not None)
+        live.events.append(StreamEvent("logs", text, event_id(outputs, len(p.logs))))
+        self._notify(p, "logs")
+
+    def _on_metrics(self, prediction_id: str, values: dict[str, Any]) -> None:
+        live = self._live.get(prediction_id)
+        if live is not None:
+            live.prediction.metrics.update(values)
+            live.dirty = True
+
+    def _on_finished(self, prediction_id: str, outcome: BaseException | None) -> None:
+        live = self._live.get(prediction_id)
+        if live is None or live.prediction.status.terminal:
+            return
+        if outcome is not None:
+            status, error = Status.FAILED, _error_text(outcome)
+        elif live.job.canceled:
+            status, error = Status.CANCELED, None
+        else:
+            status, error = Status.SUCCEEDED, None
+        # Events queued by the model thread before it returned are already on the loop's
+        # ready queue ahead of this call, so the output is complete here.
+        task = asyncio.get_running_loop().create_task(self._finish(live, status, error))
+        task.add_done_callback(_log_task_error)
+
+    async def _finish(self, live: LivePrediction, status: Status, error: str | None) -> None:
+        p = live.prediction
+        if p.status.terminal:
+            return
+        if error is not None:
+            p.error = error
+            self._on_log(p.id, f"Prediction failed: {error}\n")
+        if live.runner.backend is not None and live.runner.backend.output_is_iterator:
+            if p.output is None and status is Status.SUCCEEDED:
+                p.output = []
+        p.transition(status)
+        for event in done_events(p):
+            live.events.append(event)
+        try:
+            await self.store.save([p])
+        finally:
+            self._live.pop(p.id, None)
+            self._recent[p.id] = live.events
+            if len(self._recent) > 1000:
+                self._recent.pop(next(iter(self._recent)))
+            live.done.set()
+            self._notify(p, "completed")
+
+    def _notify(self, prediction: Prediction, event: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener(prediction, event)
+            except Exception:
+                log.exception("listener failed on %s of %s", event, prediction.id)
+
+    # -- background work and shutdown -------------------------------------------------------
+
+    async def flush_forever(self) -> None:
+        """Write the state of running predictions every `flush_interval` seconds."""
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        dirty = [live for live in self._live.values() if live.dirty]
+        for live in dirty:
+            live.dirty = False
+        try:
+            await self.store.save([live.prediction for live in dirty])
+        except Exception:
+            for live in dirty:
+                live.dirty = True
+            log.exception("flushing %d predictions failed; will retry", len(dirty))
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def fail_unfinished(self, reason: str) -> None:
+        """End every prediction still in memory (shutdown after the runners stopped)."""
+        for live in list(self._live.values()):
+            await self._finish(live, Status.FAILED, reason)
+
+    @property
+    def unfinished(self) -> Sequence[LivePrediction]:
+        return list(self._live.values())
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text if text else type(exc).__name__
+
+
+def _log_task_error(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("finishing a prediction failed", exc_info=task.exception())

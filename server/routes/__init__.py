@@ -1,0 +1,1 @@
+"""One module per resource; each adds its routes with `setup_routes(app)`."""
