@@ -261,6 +261,8 @@ class TextGenerationBackend(Backend):
                 "min_tokens", f"({request.min_tokens}) cannot exceed max_tokens ({request.max_tokens})"
             )
         prompt_tokens = len(self.tokenizer.encode(request.prompt_text, add_special_tokens=True).ids)
+        if prompt_tokens == 0:
+            raise ModelInputError("prompt", "is empty after applying the prompt template")
         if prompt_tokens + request.max_tokens > self.context_length:
             raise ModelInputError(
                 "max_tokens",

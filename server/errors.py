@@ -126,11 +126,11 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return problem_response(
             exc.status, exc.title, exc.detail, headers=exc.headers, **exc.extra
         )
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
         return problem_response(
             413,
             PayloadTooLarge.title,
-            f"The request body is larger than the limit of {exc.max_size} bytes.",
+            f"The request body is larger than the limit of {request.client_max_size} bytes.",
         )
     except web.HTTPException as exc:
         if exc.status < 400:
