@@ -93,12 +93,10 @@ class Prediction:
             self.started_at = now
         if new.terminal:
             self.completed_at = now
-            if self.started_at is None:
-                self.started_at = now
             self.metrics["total_time"] = round((now - self.created_at).total_seconds(), 6)
-            self.metrics.setdefault(
-                "predict_time", round((now - self.started_at).total_seconds(), 6)
-            )
+            # A prediction canceled or failed before it started ran for no time.
+            ran = (now - self.started_at).total_seconds() if self.started_at else 0.0
+            self.metrics.setdefault("predict_time", round(ran, 6))
         self.status = new
 
     def to_wire(self, base_url: str) -> dict[str, Any]:
