@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-import ctranslate2  # type: ignore[import-untyped]
+import ctranslate2
 
 log = logging.getLogger(__name__)
 
@@ -48,4 +48,6 @@ def pick_compute_type(setting: str, device: str) -> str:
 
 
 def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(
+        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import ctranslate2  # type: ignore[import-untyped]
+import ctranslate2
 import numpy as np
 import tokenizers
 
@@ -112,10 +112,9 @@ class _Item:
         if self.job.canceled:
             self.finished = True
             return True
-        if token_id in self.stop_ids:
-            if self.generated >= self.request.min_tokens:
-                self.finished = True
-                return True
+        if token_id in self.stop_ids and self.generated >= self.request.min_tokens:
+            self.finished = True
+            return True
         self.generated += 1
         chunk = self.detokenizer.push(token_id)
         if self.generated > self.request.min_tokens:
@@ -143,15 +142,19 @@ class _Item:
         }
         self.job.sink.metrics(metrics)
         if self.request.log_performance_metrics:
-            self.job.sink.log(
-                "".join(f"{name}: {value}\n" for name, value in metrics.items())
-            )
+            self.job.sink.log("".join(f"{name}: {value}\n" for name, value in metrics.items()))
 
 
 class TextGenerationBackend(Backend):
     output_is_iterator = True
 
-    def __init__(self, weights: Path, settings: TextGenerationSettings, info: Mapping[str, Any], default_max_tokens: int = 512) -> None:
+    def __init__(
+        self,
+        weights: Path,
+        settings: TextGenerationSettings,
+        info: Mapping[str, Any],
+        default_max_tokens: int = 512,
+    ) -> None:
         self.weights = weights
         self.settings = settings
         self.info = dict(info)
@@ -175,7 +178,11 @@ class TextGenerationBackend(Backend):
         settings = read_settings(entry.settings, info)
         props = entry.schema.input.get("properties", {})
         default_max = next(
-            (props[n]["default"] for n in ("max_tokens", "max_new_tokens") if "default" in props.get(n, {})),
+            (
+                props[n]["default"]
+                for n in ("max_tokens", "max_new_tokens")
+                if "default" in props.get(n, {})
+            ),
             512,
         )
         return cls(entry.weights, settings, info, default_max_tokens=int(default_max))
@@ -193,7 +200,9 @@ class TextGenerationBackend(Backend):
 
     def load(self) -> LoadInfo:
         if not (self.weights / "model.bin").exists():
-            raise FileNotFoundError(f"no CTranslate2 model in {self.weights} (model.bin is missing)")
+            raise FileNotFoundError(
+                f"no CTranslate2 model in {self.weights} (model.bin is missing)"
+            )
         self._tokenizer = tokenizers.Tokenizer.from_file(str(self.weights / "tokenizer.json"))
         self._device = pick_device(self.settings.device)
         self._compute_type = pick_compute_type(self.settings.compute_type, self._device)
@@ -225,7 +234,9 @@ class TextGenerationBackend(Backend):
         with _SEED_LOCK:
             ctranslate2.set_random_seed(seed)
             generator.generate_batch(
-                [[self.tokenizer.id_to_token(0)]], max_length=1, sampling_topk=2,
+                [[self.tokenizer.id_to_token(0)]],
+                max_length=1,
+                sampling_topk=2,
                 include_prompt_in_result=False,
             )
 
@@ -258,7 +269,8 @@ class TextGenerationBackend(Backend):
         request = self.request(values, provided)
         if request.min_tokens > request.max_tokens:
             raise ModelInputError(
-                "min_tokens", f"({request.min_tokens}) cannot exceed max_tokens ({request.max_tokens})"
+                "min_tokens",
+                f"({request.min_tokens}) cannot exceed max_tokens ({request.max_tokens})",
             )
         prompt_tokens = len(self.tokenizer.encode(request.prompt_text, add_special_tokens=True).ids)
         if prompt_tokens == 0:
@@ -287,7 +299,9 @@ class TextGenerationBackend(Backend):
             # A stop sequence that is one special token (`<|im_end|>`) stops on that token;
             # its text never appears in the decoded output.
             token_id = self.tokenizer.token_to_id(stop)
-            if token_id is not None and not self.tokenizer.decode([token_id], skip_special_tokens=True):
+            if token_id is not None and not self.tokenizer.decode(
+                [token_id], skip_special_tokens=True
+            ):
                 stop_ids.add(token_id)
             else:
                 text_stops.append(stop)
@@ -329,7 +343,9 @@ class TextGenerationBackend(Backend):
             item.close()
         return outcomes
 
-    def _decode(self, generator: Any, items: list[_Item], on_first_step: Callable[[], None] | None = None) -> None:
+    def _decode(
+        self, generator: Any, items: list[_Item], on_first_step: Callable[[], None] | None = None
+    ) -> None:
         request = items[0].request
         first = [on_first_step]
 
@@ -337,7 +353,7 @@ class TextGenerationBackend(Backend):
             if first[0] is not None:
                 first[0]()
                 first[0] = None
-            return items[step.batch_id].on_token(step.token_id)
+            return items[int(step.batch_id)].on_token(int(step.token_id))
 
         generator.generate_batch(
             [[self.tokenizer.id_to_token(t) for t in item.prompt_ids] for item in items],
@@ -404,7 +420,14 @@ class TextGenerationBackend(Backend):
                 end_token=[],
             )[0]
             logits = np.asarray(result.logits[0], dtype=np.float64).reshape(-1)
-            token_id = sample_next(logits, request, counts, rng, allow_stop=len(generated) >= request.min_tokens, stop_ids=item.stop_ids)
+            token_id = sample_next(
+                logits,
+                request,
+                counts,
+                rng,
+                allow_stop=len(generated) >= request.min_tokens,
+                stop_ids=item.stop_ids,
+            )
             if item.on_token(token_id):
                 break
             generated.append(token_id)
@@ -426,7 +449,9 @@ def sample_next(
         seen = np.fromiter(counts, dtype=np.int64)
         if request.repetition_penalty != 1:
             values = logits[seen]
-            logits[seen] = np.where(values > 0, values / request.repetition_penalty, values * request.repetition_penalty)
+            logits[seen] = np.where(
+                values > 0, values / request.repetition_penalty, values * request.repetition_penalty
+            )
         logits[seen] -= request.presence_penalty
     if not allow_stop and stop_ids:
         logits[list(stop_ids)] = -np.inf

@@ -98,7 +98,9 @@ async def _predictions_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _shutdown_ctx(app: web.Application) -> AsyncIterator[None]:
     """Runs last on the way down: whatever the runners left unfinished is failed and stored."""
     yield
-    await app[keys.PREDICTIONS].fail_unfinished("The server shut down before this prediction finished.")
+    await app[keys.PREDICTIONS].fail_unfinished(
+        "The server shut down before this prediction finished."
+    )
 
 
 def create_app(config: Config, *, catalog: Catalog | None = None) -> web.Application:

@@ -43,34 +43,62 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    serve.add_argument("--host", default=_env("HOST", DEFAULT_HOST),
-                       help="address to listen on; 0.0.0.0 for every interface (REPLICANT_HOST)")
-    serve.add_argument("--port", type=int, default=int(_env("PORT", str(DEFAULT_PORT))),
-                       help="TCP port to listen on (REPLICANT_PORT)")
-    serve.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", "data")),
-                       help="where the database, the API token and prepared models live "
-                            "(REPLICANT_DATA_DIR)")
-    serve.add_argument("--catalog", type=Path, default=_env("CATALOG", "") or None,
-                       help="catalog TOML file naming the served models; default: the built-in "
-                            "catalog with SmolLM2-135M-Instruct (REPLICANT_CATALOG)")
-    serve.add_argument("--public-url", default=_env("PUBLIC_URL", "") or None,
-                       help="base URL for absolute links when behind a proxy, e.g. "
-                            "https://models.example.com; default: the request's Host "
-                            "(REPLICANT_PUBLIC_URL)")
-    serve.add_argument("--max-body-bytes", type=int,
-                       default=int(_env("MAX_BODY_BYTES", str(10 * 1024 * 1024))),
-                       help="largest request body accepted; larger ones get 413 "
-                            "(REPLICANT_MAX_BODY_BYTES)")
-    serve.add_argument("--queue-size", type=int, default=int(_env("QUEUE_SIZE", "256")),
-                       help="predictions that may wait per model before creates get 429 "
-                            "(REPLICANT_QUEUE_SIZE)")
-    serve.add_argument("--flush-interval", type=float,
-                       default=float(_env("FLUSH_INTERVAL", "0.5")),
-                       help="seconds between writes of running predictions' output to the "
-                            "database (REPLICANT_FLUSH_INTERVAL)")
-    serve.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
-                       choices=["debug", "info", "warning", "error"],
-                       help="how much to log (REPLICANT_LOG_LEVEL)")
+    serve.add_argument(
+        "--host",
+        default=_env("HOST", DEFAULT_HOST),
+        help="address to listen on; 0.0.0.0 for every interface (REPLICANT_HOST)",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("PORT", str(DEFAULT_PORT))),
+        help="TCP port to listen on (REPLICANT_PORT)",
+    )
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(_env("DATA_DIR", "data")),
+        help="where the database, the API token and prepared models live (REPLICANT_DATA_DIR)",
+    )
+    serve.add_argument(
+        "--catalog",
+        type=Path,
+        default=_env("CATALOG", "") or None,
+        help="catalog TOML file naming the served models; default: the built-in "
+        "catalog with SmolLM2-135M-Instruct (REPLICANT_CATALOG)",
+    )
+    serve.add_argument(
+        "--public-url",
+        default=_env("PUBLIC_URL", "") or None,
+        help="base URL for absolute links when behind a proxy, e.g. "
+        "https://models.example.com; default: the request's Host "
+        "(REPLICANT_PUBLIC_URL)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=int(_env("MAX_BODY_BYTES", str(10 * 1024 * 1024))),
+        help="largest request body accepted; larger ones get 413 (REPLICANT_MAX_BODY_BYTES)",
+    )
+    serve.add_argument(
+        "--queue-size",
+        type=int,
+        default=int(_env("QUEUE_SIZE", "256")),
+        help="predictions that may wait per model before creates get 429 (REPLICANT_QUEUE_SIZE)",
+    )
+    serve.add_argument(
+        "--flush-interval",
+        type=float,
+        default=float(_env("FLUSH_INTERVAL", "0.5")),
+        help="seconds between writes of running predictions' output to the "
+        "database (REPLICANT_FLUSH_INTERVAL)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="how much to log (REPLICANT_LOG_LEVEL)",
+    )
     return parser
 
 
@@ -85,8 +113,8 @@ def banner(url: str, token_note: str, models: Sequence[str]) -> str:
         "  Point a client at it:",
         f"      export REPLICATE_BASE_URL={url} REPLICATE_API_TOKEN=<token>",
         f'      curl -s {url}/v1/run -H "Authorization: Bearer $REPLICATE_API_TOKEN" \\',
-        f"        -d '{{\"model\": \"{first}\", \"input\": "
-        f"{{\"prompt\": \"What is the capital of France?\"}}}}'",
+        f'        -d \'{{"model": "{first}", "input": '
+        f'{{"prompt": "What is the capital of France?"}}}}\'',
         f"  Health: {url}/health-check    API description: {url}/openapi.json",
     ]
     return "\n".join(lines) + "\n"
@@ -130,8 +158,14 @@ def serve(args: argparse.Namespace) -> int:
         print(banner(url, token_note, models), flush=True)
 
     app.on_startup.append(announce)
-    web.run_app(app, host=config.host, port=config.port, print=None,
-                access_log_format='%a "%r" %s %b %Tfs', shutdown_timeout=10)
+    web.run_app(
+        app,
+        host=config.host,
+        port=config.port,
+        print=None,
+        access_log_format='%a "%r" %s %b %Tfs',
+        shutdown_timeout=10,
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Server settings: one frozen attrs class, filled from flags and the environment by `server.cli`."""
+"""Server settings: one frozen attrs class, filled from flags and the environment (server.cli)."""
 
 from __future__ import annotations
 

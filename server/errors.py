@@ -123,9 +123,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except ApiError as exc:
-        return problem_response(
-            exc.status, exc.title, exc.detail, headers=exc.headers, **exc.extra
-        )
+        return problem_response(exc.status, exc.title, exc.detail, headers=exc.headers, **exc.extra)
     except web.HTTPRequestEntityTooLarge:
         return problem_response(
             413,

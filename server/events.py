@@ -72,7 +72,9 @@ def replay(prediction: Prediction) -> list[StreamEvent]:
     for i, item in enumerate(items):
         events.append(StreamEvent("output", _text(item), event_id(i + 1, len(prediction.logs))))
     if prediction.output is not None and not isinstance(prediction.output, list):
-        events.append(StreamEvent("output", _text(prediction.output), event_id(1, len(prediction.logs))))
+        events.append(
+            StreamEvent("output", _text(prediction.output), event_id(1, len(prediction.logs)))
+        )
     if prediction.status.terminal:
         events.extend(done_events(prediction))
     return events
@@ -94,7 +96,7 @@ def resume_after(events: list[StreamEvent], last_event_id: str | None) -> list[S
     for ev in events:
         ev_state = parse_event_id(ev.id)
         assert ev_state is not None
-        ev_outputs, ev_chars, ev_done = ev_state
+        ev_outputs, ev_chars, _ = ev_state
         if ev.event == "output" and ev_outputs <= outputs:
             continue
         if ev.event == "logs" and ev_chars <= chars:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from aiohttp import web
 
 from models.catalog import Catalog
@@ -15,5 +17,5 @@ CONFIG = web.AppKey("config", Config)
 CATALOG = web.AppKey("catalog", Catalog)
 TOKENS = web.AppKey("tokens", TokenSet)
 STORE = web.AppKey("store", PredictionStore)
-RUNNERS = web.AppKey("runners", dict[str, Runner])
+RUNNERS = web.AppKey("runners", Mapping[str, Runner])
 PREDICTIONS = web.AppKey("predictions", PredictionService)

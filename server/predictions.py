@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -29,7 +29,11 @@ from server.validation import InputValidator
 log = logging.getLogger(__name__)
 
 #: Called on every change a webhook or a metric may care about: (prediction, event name).
+#: Event names: created, start, output, logs, completed.
 Listener = Callable[[Prediction, str], None]
+#: Awaited when a job is about to run, to turn its input into what the model takes (for
+#: example, download `format: uri` inputs); may replace `job.input`. Raising fails the job.
+InputPreparer = Callable[[ModelEntry, Job], Awaitable[None]]
 
 
 @attrs.frozen(kw_only=True)
@@ -83,6 +87,7 @@ class PredictionService:
         self.store = store
         self.runners = runners
         self.listeners: list[Listener] = []
+        self.input_preparer: InputPreparer | None = None
         self._validators: dict[str, InputValidator] = {}
         self._live: dict[str, LivePrediction] = {}
         #: Event logs of recently finished predictions, for late stream readers.
@@ -129,7 +134,9 @@ class PredictionService:
         if request.webhook_events_filter is not None:
             prediction.webhook_events_filter = request.webhook_events_filter
         if checked.ignored:
-            prediction.logs = f"Ignored input fields not in the schema: {', '.join(checked.ignored)}\n"
+            prediction.logs = (
+                f"Ignored input fields not in the schema: {', '.join(checked.ignored)}\n"
+            )
         job = Job(
             input=checked.values,
             provided=checked.provided,
@@ -148,10 +155,21 @@ class PredictionService:
                 batch_key=backend.batch_key(checked.values, checked.provided) if backend else None,
                 started=lambda: self._on_started(prediction.id),
                 finished=lambda outcome: self._on_finished(prediction.id, outcome),
+                prepare=self._preparer(entry, job),
             )
         )
         self._notify(prediction, "created")
         return prediction
+
+    def _preparer(self, entry: ModelEntry, job: Job) -> Callable[[], Awaitable[None]] | None:
+        preparer = self.input_preparer
+        if preparer is None:
+            return None
+
+        async def prepare() -> None:
+            await preparer(entry, job)
+
+        return prepare
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -170,12 +188,12 @@ class PredictionService:
             return live.events
         return self._recent.get(prediction_id)
 
-    async def wait(self, prediction_id: str, timeout: float) -> Prediction:
-        """The prediction once it has finished, or as it is when `timeout` seconds pass."""
+    async def wait(self, prediction_id: str, seconds: float) -> Prediction:
+        """The prediction once it has finished, or as it is when `seconds` have passed."""
         live = self._live.get(prediction_id)
         if live is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(live.done.wait(), timeout)
+                await asyncio.wait_for(live.done.wait(), seconds)
         prediction = await self.get(prediction_id)
         if prediction is None:
             raise NotFound(f"Prediction {prediction_id} was not found.")
@@ -266,9 +284,9 @@ class PredictionService:
         if error is not None:
             p.error = error
             self._on_log(p.id, f"Prediction failed: {error}\n")
-        if live.runner.backend is not None and live.runner.backend.output_is_iterator:
-            if p.output is None and status is Status.SUCCEEDED:
-                p.output = []
+        backend = live.runner.backend
+        if backend is not None and backend.output_is_iterator and p.output is None:
+            p.output = []
         p.transition(status)
         for event in done_events(p):
             live.events.append(event)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import logging
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,6 +39,9 @@ class QueuedJob:
     batch_key: Hashable | None
     started: Callable[[], None]
     finished: Callable[[BaseException | None], None]
+    #: Awaited after `started` and before the model runs (e.g. to download image inputs);
+    #: an exception fails this job only.
+    prepare: Callable[[], Awaitable[None]] | None = None
 
 
 class Runner:
@@ -62,6 +66,8 @@ class Runner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
         self._task: asyncio.Task[None] | None = None
         self.running: list[QueuedJob] = []
+        #: Set once loading has finished, whether it succeeded or not.
+        self.loaded = asyncio.Event()
 
     @property
     def queue_depth(self) -> int:
@@ -82,8 +88,10 @@ class Runner:
             self.state = RunnerState.SETUP_FAILED
             self.setup_error = f"{type(exc).__name__}: {exc}"
             self._fail_queued()
+            self.loaded.set()
             return
         self.state = RunnerState.READY
+        self.loaded.set()
         log.info("model %s ready on %s", self.name, self.load_info.device)
         self._task = asyncio.create_task(self._serve(), name=f"runner-{self.name}")
 
@@ -92,10 +100,8 @@ class Runner:
             queued.job.cancel_event.set()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self._fail_queued("the server is shutting down")
         backend = self.backend
         if backend is not None:
@@ -160,10 +166,9 @@ class Runner:
                 await asyncio.sleep(self._batch_window)
             if not self._queue:
                 continue
-            batch = self._take_batch()
-            self.running = batch
-            for queued in batch:
-                queued.started()
+            batch = await self._start_batch(self._take_batch())
+            if not batch:
+                continue
             try:
                 outcomes = await loop.run_in_executor(
                     self._executor, backend.run_batch, [q.job for q in batch]
@@ -175,6 +180,25 @@ class Runner:
                 self.running = []
             for queued, outcome in zip(batch, outcomes, strict=True):
                 queued.finished(outcome)
+
+    async def _start_batch(self, batch: list[QueuedJob]) -> list[QueuedJob]:
+        """Mark jobs started and prepare their inputs; jobs that fail to prepare end here."""
+        self.running = batch
+        ready = []
+        for queued in batch:
+            queued.started()
+            if queued.prepare is not None:
+                try:
+                    await queued.prepare()
+                except Exception as exc:
+                    queued.finished(exc)
+                    continue
+            if queued.job.canceled:
+                queued.finished(None)
+                continue
+            ready.append(queued)
+        self.running = ready
+        return ready
 
     def describe(self) -> Mapping[str, Any]:
         info: dict[str, Any] = {"status": str(self.state), "queue_depth": self.queue_depth}

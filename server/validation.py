@@ -85,11 +85,8 @@ def _json_type(value: Any) -> str:
 def _describe(error: ValidationError) -> dict[str, str]:
     path = [str(p) for p in error.absolute_path]
     if error.validator == "required" and isinstance(error.instance, dict):
-        missing = [
-            name
-            for name in error.validator_value
-            if isinstance(name, str) and name not in error.instance
-        ]
+        required: list[Any] = list(error.validator_value)  # type: ignore[arg-type]
+        missing = [n for n in required if isinstance(n, str) and n not in error.instance]
         field = ".".join([*path, missing[0]]) if missing else ".".join(path) or "input"
         return {"field": field, "message": "is required"}
     field = ".".join(path) or "input"
@@ -106,7 +103,8 @@ def _describe(error: ValidationError) -> dict[str, str]:
         case "exclusiveMaximum":
             message = f"must be less than {error.validator_value} (got {error.instance})"
         case "enum":
-            choices = ", ".join(repr(c) for c in error.validator_value)
+            options: list[Any] = list(error.validator_value)  # type: ignore[arg-type]
+            choices = ", ".join(repr(c) for c in options)
             message = f"must be one of {choices}"
         case "maxLength":
             message = f"must be at most {error.validator_value} characters long"

@@ -17,7 +17,6 @@ from aiohttp.test_utils import TestClient
 from server import keys
 from server.app import create_app
 from server.config import Config
-from server.runner import RunnerState
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "r8_test-token-0123456789"
@@ -110,12 +109,10 @@ def make_config(tmp_path: Path, weights: Path, **overrides: Any) -> Config:
     )
 
 
-async def wait_ready(app: web.Application, timeout: float = 60) -> None:
-    async def ready() -> None:
-        while any(r.state is RunnerState.STARTING for r in app[keys.RUNNERS].values()):
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(ready(), timeout)
+async def wait_ready(app: web.Application) -> None:
+    """Until every model has loaded (or failed to); bounded at 60 s."""
+    async with asyncio.timeout(60):
+        await asyncio.gather(*(r.loaded.wait() for r in app[keys.RUNNERS].values()))
 
 
 @pytest.fixture

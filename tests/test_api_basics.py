@@ -19,7 +19,10 @@ TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 async def test_create_and_get_prediction(client: Client) -> None:
     resp = await client.post(
         "/v1/predictions",
-        json={"version": "huggingfacetb/smollm2-135m-instruct", "input": {"prompt": "hi", "max_tokens": 5}},
+        json={
+            "version": "huggingfacetb/smollm2-135m-instruct",
+            "input": {"prompt": "hi", "max_tokens": 5},
+        },
         headers={**AUTH, "Prefer": "wait"},
     )
     assert resp.status == 201, await resp.text()
@@ -50,40 +53,59 @@ async def _problem(resp: object, status: int) -> dict[str, object]:
 
 async def test_missing_and_wrong_token_are_401(client: Client) -> None:
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}):
-        for method, path in (("GET", "/v1/predictions"), ("POST", "/v1/predictions"),
-                             ("GET", "/v1/models"), ("GET", "/v1/account")):
+        for method, path in (
+            ("GET", "/v1/predictions"),
+            ("POST", "/v1/predictions"),
+            ("GET", "/v1/models"),
+            ("GET", "/v1/account"),
+        ):
             resp = await client.request(method, path, headers=headers)
             body = await _problem(resp, 401)
             assert body["title"] == "Unauthenticated"
 
 
 async def test_token_scheme_is_accepted(client: Client) -> None:
-    resp = await client.get("/v1/account", headers={"Authorization": "Token r8_test-token-0123456789"})
+    resp = await client.get(
+        "/v1/account", headers={"Authorization": "Token r8_test-token-0123456789"}
+    )
     assert resp.status == 200
     assert (await resp.json())["username"]
 
 
 async def test_malformed_json_is_400(client: Client) -> None:
     for raw in (b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe"):
-        resp = await client.post("/v1/predictions", data=raw, headers={**AUTH, "Content-Type": "application/json"})
+        resp = await client.post(
+            "/v1/predictions", data=raw, headers={**AUTH, "Content-Type": "application/json"}
+        )
         await _problem(resp, 400)
 
 
 async def test_unknown_model_and_version_are_404(client: Client) -> None:
     for version in ("nobody/nothing", "huggingfacetb/smollm2-135m-instruct:" + "0" * 64, "f" * 64):
-        resp = await client.post("/v1/predictions", json={"version": version, "input": {"prompt": "x"}}, headers=AUTH)
+        resp = await client.post(
+            "/v1/predictions", json={"version": version, "input": {"prompt": "x"}}, headers=AUTH
+        )
         await _problem(resp, 404)
-    resp = await client.post("/v1/models/nobody/nothing/predictions", json={"input": {}}, headers=AUTH)
+    resp = await client.post(
+        "/v1/models/nobody/nothing/predictions", json={"input": {}}, headers=AUTH
+    )
     await _problem(resp, 404)
     await _problem(await client.get("/v1/models/nobody/nothing", headers=AUTH), 404)
-    await _problem(await client.get("/v1/models/meta/meta-llama-3-8b-instruct/versions/abc", headers=AUTH), 404)
+    await _problem(
+        await client.get("/v1/models/meta/meta-llama-3-8b-instruct/versions/abc", headers=AUTH), 404
+    )
 
 
 async def test_unknown_prediction_is_404(client: Client) -> None:
-    for path in ("/v1/predictions/aaaaaaaaaaaaaaaaaaaaaaaaaa", "/v1/predictions/..%2f..",
-                 "/v1/predictions/%00"):
+    for path in (
+        "/v1/predictions/aaaaaaaaaaaaaaaaaaaaaaaaaa",
+        "/v1/predictions/..%2f..",
+        "/v1/predictions/%00",
+    ):
         await _problem(await client.get(path, headers=AUTH), 404)
-    await _problem(await client.post("/v1/predictions/aaaaaaaaaaaaaaaaaaaaaaaaaa/cancel", headers=AUTH), 404)
+    await _problem(
+        await client.post("/v1/predictions/aaaaaaaaaaaaaaaaaaaaaaaaaa/cancel", headers=AUTH), 404
+    )
 
 
 async def test_unknown_route_and_method(client: Client) -> None:
@@ -92,7 +114,9 @@ async def test_unknown_route_and_method(client: Client) -> None:
 
 
 async def test_missing_version_is_422(client: Client) -> None:
-    body = await _problem(await client.post("/v1/predictions", json={"input": {}}, headers=AUTH), 422)
+    body = await _problem(
+        await client.post("/v1/predictions", json={"input": {}}, headers=AUTH), 422
+    )
     assert "version" in str(body["detail"])
 
 
@@ -110,7 +134,11 @@ async def test_schema_violations_name_every_field(client: Client) -> None:
 
 
 async def test_input_must_be_an_object(client: Client) -> None:
-    resp = await client.post("/v1/predictions", json={"version": "meta/meta-llama-3-8b-instruct", "input": "hi"}, headers=AUTH)
+    resp = await client.post(
+        "/v1/predictions",
+        json={"version": "meta/meta-llama-3-8b-instruct", "input": "hi"},
+        headers=AUTH,
+    )
     body = await _problem(resp, 422)
     assert "input" in str(body["detail"])
 
@@ -136,9 +164,13 @@ async def test_template_without_prompt_is_422(client: Client) -> None:
 
 
 async def test_bad_webhook_fields_are_422(client: Client) -> None:
-    for extra in ({"webhook": "ftp://x"}, {"webhook": "not a url"}, {"webhook": 5},
-                  {"webhook": "https://ok.example", "webhook_events_filter": ["start", "bogus"]},
-                  {"stream": "yes"}):
+    for extra in (
+        {"webhook": "ftp://x"},
+        {"webhook": "not a url"},
+        {"webhook": 5},
+        {"webhook": "https://ok.example", "webhook_events_filter": ["start", "bogus"]},
+        {"stream": "yes"},
+    ):
         resp = await client.post(
             "/v1/predictions",
             json={"version": "meta/meta-llama-3-8b-instruct", "input": {"prompt": "x"}, **extra},

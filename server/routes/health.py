@@ -22,7 +22,9 @@ def overall_status(states: list[RunnerState], busy: bool) -> str:
 async def health_check(request: web.Request) -> web.Response:
     runners = request.app[keys.RUNNERS]
     models = {name: dict(r.describe()) for name, r in runners.items()}
-    status = overall_status([r.state for r in runners.values()], any(r.full for r in runners.values()))
+    status = overall_status(
+        [r.state for r in runners.values()], any(r.full for r in runners.values())
+    )
     return json_response({"status": status, "version": __version__, "models": models})
 
 

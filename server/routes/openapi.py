@@ -17,7 +17,17 @@ _TIME = {"type": ["string", "null"], "format": "date-time"}
 
 PREDICTION = {
     "type": "object",
-    "required": ["id", "model", "version", "input", "output", "error", "status", "created_at", "urls"],
+    "required": [
+        "id",
+        "model",
+        "version",
+        "input",
+        "output",
+        "error",
+        "status",
+        "created_at",
+        "urls",
+    ],
     "properties": {
         "id": {"type": "string"},
         "model": {"type": "string"},
@@ -36,13 +46,20 @@ PREDICTION = {
         "urls": {"type": "object", "additionalProperties": {"type": "string"}},
         "metrics": {"type": "object"},
         "webhook": {"type": "string"},
-        "webhook_events_filter": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}},
+        "webhook_events_filter": {
+            "type": "array",
+            "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+        },
     },
 }
 PROBLEM = {
     "type": "object",
     "required": ["title", "detail", "status"],
-    "properties": {"title": {"type": "string"}, "detail": {"type": "string"}, "status": {"type": "integer"}},
+    "properties": {
+        "title": {"type": "string"},
+        "detail": {"type": "string"},
+        "status": {"type": "integer"},
+    },
 }
 PAGE = {
     "type": "object",
@@ -64,7 +81,10 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/problem+json": {"schema": _ref("Problem")}}}
+    return {
+        "description": description,
+        "content": {"application/problem+json": {"schema": _ref("Problem")}},
+    }
 
 
 _ERRORS = {
@@ -83,7 +103,9 @@ def build_openapi(catalog: Catalog) -> dict[str, Any]:
     for entry in catalog:
         key = "Input_" + entry.ref.replace("/", "__").replace(".", "_").replace("-", "_")
         inputs[key] = copy.deepcopy(entry.schema.input)
-    any_input: dict[str, Any] = {"oneOf": [_ref(k) for k in inputs]} if inputs else {"type": "object"}
+    any_input: dict[str, Any] = (
+        {"oneOf": [_ref(k) for k in inputs]} if inputs else {"type": "object"}
+    )
     create_body = {
         "type": "object",
         "required": ["version", "input"],
@@ -92,39 +114,95 @@ def build_openapi(catalog: Catalog) -> dict[str, Any]:
             "input": any_input,
             "stream": {"type": "boolean"},
             "webhook": {"type": "string", "format": "uri"},
-            "webhook_events_filter": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}},
+            "webhook_events_filter": {
+                "type": "array",
+                "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+            },
         },
     }
-    prefer = {"name": "Prefer", "in": "header", "schema": {"type": "string", "pattern": "^wait(=([1-9]|[1-9][0-9]|60))?$"}}
+    prefer = {
+        "name": "Prefer",
+        "in": "header",
+        "schema": {"type": "string", "pattern": "^wait(=([1-9]|[1-9][0-9]|60))?$"},
+    }
     id_param = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
     created = _json(_ref("Prediction"), "The prediction")
     paths: dict[str, Any] = {
         "/v1/predictions": {
-            "post": {"operationId": "createPrediction", "parameters": [prefer],
-                     "requestBody": {"required": True, "content": {"application/json": {"schema": create_body}}},
-                     "responses": {"201": created, **_ERRORS}},
-            "get": {"operationId": "listPredictions",
-                    "parameters": [{"name": "cursor", "in": "query", "schema": {"type": "string"}}],
-                    "responses": {"200": _json(PAGE, "A page of predictions"), **_ERRORS}},
+            "post": {
+                "operationId": "createPrediction",
+                "parameters": [prefer],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": create_body}},
+                },
+                "responses": {"201": created, **_ERRORS},
+            },
+            "get": {
+                "operationId": "listPredictions",
+                "parameters": [{"name": "cursor", "in": "query", "schema": {"type": "string"}}],
+                "responses": {"200": _json(PAGE, "A page of predictions"), **_ERRORS},
+            },
         },
-        "/v1/predictions/{id}": {"get": {"operationId": "getPrediction", "parameters": [id_param],
-                                         "responses": {"200": created, **_ERRORS}}},
-        "/v1/predictions/{id}/cancel": {"post": {"operationId": "cancelPrediction", "parameters": [id_param],
-                                                 "responses": {"200": created, **_ERRORS}}},
-        "/v1/run": {"post": {"operationId": "run",
-                             "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                                 "type": "object", "required": ["model", "input"],
-                                 "properties": {"model": {"type": "string"}, "input": any_input}}}}},
-                             "responses": {"201": created, **_ERRORS}}},
-        "/v1/models": {"get": {"operationId": "listModels", "responses": {"200": _json({"type": "object"}, "Models"), **_ERRORS}}},
-        "/v1/account": {"get": {"operationId": "getAccount", "responses": {"200": _json({"type": "object"}, "Account"), **_ERRORS}}},
-        "/health-check": {"get": {"operationId": "healthCheck", "security": [],
-                                  "responses": {"200": _json({"type": "object"}, "Health")}}},
+        "/v1/predictions/{id}": {
+            "get": {
+                "operationId": "getPrediction",
+                "parameters": [id_param],
+                "responses": {"200": created, **_ERRORS},
+            }
+        },
+        "/v1/predictions/{id}/cancel": {
+            "post": {
+                "operationId": "cancelPrediction",
+                "parameters": [id_param],
+                "responses": {"200": created, **_ERRORS},
+            }
+        },
+        "/v1/run": {
+            "post": {
+                "operationId": "run",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["model", "input"],
+                                "properties": {"model": {"type": "string"}, "input": any_input},
+                            }
+                        }
+                    },
+                },
+                "responses": {"201": created, **_ERRORS},
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "operationId": "listModels",
+                "responses": {"200": _json({"type": "object"}, "Models"), **_ERRORS},
+            }
+        },
+        "/v1/account": {
+            "get": {
+                "operationId": "getAccount",
+                "responses": {"200": _json({"type": "object"}, "Account"), **_ERRORS},
+            }
+        },
+        "/health-check": {
+            "get": {
+                "operationId": "healthCheck",
+                "security": [],
+                "responses": {"200": _json({"type": "object"}, "Health")},
+            }
+        },
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "replicant", "version": __version__,
-                 "description": "A self-hosted, Replicate-compatible prediction API."},
+        "info": {
+            "title": "replicant",
+            "version": __version__,
+            "description": "A self-hosted, Replicate-compatible prediction API.",
+        },
         "paths": paths,
         "security": [{"bearer": []}],
         "components": {
