@@ -46,10 +46,24 @@ class Job:
     provided: frozenset[str]
     sink: Sink
     cancel_event: threading.Event = attrs.field(factory=threading.Event)
+    #: The backend's own state of a job it paused (see `Paused`); None before the first run.
+    state: Any = None
 
     @property
     def canceled(self) -> bool:
         return self.cancel_event.is_set()
+
+
+class Paused(Exception):
+    """Outcome of a job a backend paused so a bigger batch can form; it resumes later.
+
+    A backend returns it (not raises) from `run_batch` for a job it stopped early when the
+    runner's `yield_event` was set; the job keeps its progress in `Job.state`.
+    """
+
+
+#: One outcome per job: None (finished), Paused, or the exception that failed it.
+Outcome = BaseException | None
 
 
 @attrs.frozen
@@ -67,6 +81,8 @@ class Backend(abc.ABC):
     output_is_iterator: bool = True
     #: Most jobs `run_batch` accepts at once.
     max_batch_size: int = 1
+    #: Seconds the runner waits for more jobs before starting a batch that is not full.
+    batch_window: float = 0.0
 
     @abc.abstractmethod
     def load(self) -> LoadInfo:
@@ -82,11 +98,13 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def run_batch(self, jobs: Sequence[Job]) -> Sequence[BaseException | None]:
-        """Run jobs to completion on this thread; one outcome per job (None = succeeded).
+    def run_batch(self, jobs: Sequence[Job], yield_event: threading.Event) -> Sequence[Outcome]:
+        """Run jobs on this thread; one outcome per job (None = finished).
 
         A job whose `cancel_event` is set should stop within one step; its outcome is then
         None and the server marks it canceled. An exception for one job fails that job only.
+        When `yield_event` is set, more jobs are waiting that could join this batch: a backend
+        that can resume jobs may stop early and return `Paused()` for the unfinished ones.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -36,7 +36,7 @@ import ctranslate2
 import numpy as np
 import tokenizers
 
-from models.base import Backend, Job, LoadInfo, ModelInputError
+from models.base import Backend, Job, LoadInfo, ModelInputError, Outcome, Paused
 from models.catalog import ModelEntry
 from models.detokenize import IncrementalDetokenizer, StopSequences
 from models.device import default_threads, pick_compute_type, pick_device
@@ -61,7 +61,10 @@ class TextGenerationSettings:
     threads: int = 0
     max_batch_size: int = 8
     #: Seconds the runner waits to gather concurrent requests into one batch.
-    batch_window: float = 0.005
+    batch_window: float = 0.002
+    #: A running batch pauses to let waiting requests join only while it has read at most
+    #: this many tokens (prompts plus output), as resuming re-reads them all.
+    max_rejoin_tokens: int = 4096
     #: Prompt plus max tokens may not exceed this; 0 = the model's own context length.
     max_context_length: int = 0
     #: Template used when the input sends no `prompt_template`: a name in
@@ -94,9 +97,19 @@ class _Item:
     stop_ids: frozenset[int]
     started: float
     first_token: float | None = None
-    generated: int = 0
+    generated_ids: list[int] = attrs.field(factory=list)
     finished: bool = False
+    #: Stopped early to let a bigger batch form; resumes from prompt + generated_ids.
+    paused: bool = False
     text: list[str] = attrs.field(factory=list)
+
+    @property
+    def generated(self) -> int:
+        return len(self.generated_ids)
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt_ids + self.generated_ids
 
     def emit(self, text: str) -> None:
         if text:
@@ -115,7 +128,7 @@ class _Item:
         if token_id in self.stop_ids and self.generated >= self.request.min_tokens:
             self.finished = True
             return True
-        self.generated += 1
+        self.generated_ids.append(token_id)
         chunk = self.detokenizer.push(token_id)
         if self.generated > self.request.min_tokens:
             # Stop sequences count once min_tokens are out, as end tokens do (vLLM's rule).
@@ -291,6 +304,9 @@ class TextGenerationBackend(Backend):
     # -- running ----------------------------------------------------------------------------
 
     def _item(self, job: Job) -> _Item:
+        if isinstance(job.state, _Item):  # a paused job resuming
+            job.state.paused = False
+            return job.state
         request = self.request(job.input, job.provided)
         prompt_ids = self.tokenizer.encode(request.prompt_text, add_special_tokens=True).ids
         stop_ids = set(self._eos_ids)
@@ -305,7 +321,7 @@ class TextGenerationBackend(Backend):
                 stop_ids.add(token_id)
             else:
                 text_stops.append(stop)
-        return _Item(
+        item = _Item(
             job=job,
             request=request,
             prompt_ids=prompt_ids,
@@ -314,9 +330,25 @@ class TextGenerationBackend(Backend):
             stop_ids=frozenset(stop_ids),
             started=time.perf_counter(),
         )
+        job.state = item
+        return item
 
-    def run_batch(self, jobs: Sequence[Job]) -> Sequence[BaseException | None]:
-        outcomes: list[BaseException | None] = [None] * len(jobs)
+    def _may_pause(self, items: Sequence[_Item]) -> bool:
+        """Whether this batch may stop early and resume later with the same results.
+
+        Resuming re-reads prompt + generated tokens as a new prompt. That is exact for
+        greedy and plain sampling, but CTranslate2's repetition penalty and min_length would
+        see a different "generated so far", so such batches run to the end. Re-reading costs
+        a prefill, so a batch that has read many tokens already is not paused either.
+        """
+        if any(i.request.repetition_penalty != 1 or i.request.min_tokens > 0 for i in items):
+            return False
+        return sum(len(i.context) for i in items) <= self.settings.max_rejoin_tokens
+
+    def run_batch(
+        self, jobs: Sequence[Job], yield_event: threading.Event | None = None
+    ) -> Sequence[Outcome]:
+        outcomes: list[Outcome] = [None] * len(jobs)
         items: list[_Item] = []
         index: list[int] = []
         for i, job in enumerate(jobs):
@@ -333,32 +365,47 @@ class TextGenerationBackend(Backend):
             elif len(items) == 1 and items[0].request.seed is not None:
                 self._decode_seeded(items[0])
             else:
-                self._decode(self._generator, items)
+                self._decode(self._generator, items, yield_event=yield_event)
         except Exception as exc:
             log.exception("generation failed")
             for i in index:
                 outcomes[i] = exc
             return outcomes
-        for item in items:
-            item.close()
+        for i, item in zip(index, items, strict=True):
+            if item.paused and not item.finished:
+                outcomes[i] = Paused()
+            else:
+                item.close()
         return outcomes
 
     def _decode(
-        self, generator: Any, items: list[_Item], on_first_step: Callable[[], None] | None = None
+        self,
+        generator: Any,
+        items: list[_Item],
+        *,
+        on_first_step: Callable[[], None] | None = None,
+        yield_event: threading.Event | None = None,
     ) -> None:
         request = items[0].request
         first = [on_first_step]
+        may_pause = yield_event is not None and self._may_pause(items)
 
         def callback(step: Any) -> bool:
             if first[0] is not None:
                 first[0]()
                 first[0] = None
-            return items[int(step.batch_id)].on_token(int(step.token_id))
+            item = items[int(step.batch_id)]
+            if item.on_token(int(step.token_id)):
+                return True
+            if may_pause and yield_event is not None and yield_event.is_set():
+                item.paused = True
+                return True
+            return False
 
         generator.generate_batch(
-            [[self.tokenizer.id_to_token(t) for t in item.prompt_ids] for item in items],
-            max_length=max(item.request.max_tokens for item in items),
-            min_length=request.min_tokens,
+            [[self.tokenizer.id_to_token(t) for t in item.context] for item in items],
+            max_length=max(item.request.max_tokens - item.generated for item in items),
+            min_length=max(request.min_tokens - items[0].generated, 0),
             repetition_penalty=request.repetition_penalty,
             length_penalty=request.length_penalty,
             end_token=sorted(self._eos_ids) or None,
@@ -401,16 +448,19 @@ class TextGenerationBackend(Backend):
         return self._new_generator()
 
     def _decode_exact(self, item: _Item) -> None:
-        """Token by token with numpy sampling: presence penalty needs the logits."""
+        """Token by token with numpy sampling: presence penalty needs the logits.
+
+        Each step is one `generate_batch(max_length=1, return_logits_vocab=True)` over the
+        tokens generated so far, after the prompt, which CTranslate2 caches as a static prompt.
+        """
         request = item.request
         rng = np.random.default_rng(request.seed)
         prompt = [self.tokenizer.id_to_token(t) for t in item.prompt_ids]
         static, first = prompt[:-1], prompt[-1:]
-        generated: list[int] = []
         counts: dict[int, int] = {}
-        for _ in range(request.max_tokens):
+        while not item.finished:
             result = self._generator.generate_batch(
-                [first + [self.tokenizer.id_to_token(t) for t in generated]],
+                [first + [self.tokenizer.id_to_token(t) for t in item.generated_ids]],
                 static_prompt=static or None,
                 cache_static_prompt=True,
                 max_length=1,
@@ -425,12 +475,10 @@ class TextGenerationBackend(Backend):
                 request,
                 counts,
                 rng,
-                allow_stop=len(generated) >= request.min_tokens,
+                allow_stop=item.generated >= request.min_tokens,
                 stop_ids=item.stop_ids,
             )
-            if item.on_token(token_id):
-                break
-            generated.append(token_id)
+            item.on_token(token_id)
             counts[token_id] = counts.get(token_id, 0) + 1
 
 

@@ -14,13 +14,14 @@ import collections
 import contextlib
 import enum
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import attrs
 
-from models.base import Backend, Job, LoadInfo
+from models.base import Backend, Job, LoadInfo, Paused
 from server.errors import QueueFull
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class QueuedJob:
     #: Awaited after `started` and before the model runs (e.g. to download image inputs);
     #: an exception fails this job only.
     prepare: Callable[[], Awaitable[None]] | None = None
+    #: True once the job has run at least once (it may come back Paused).
+    begun: bool = False
 
 
 class Runner:
@@ -51,7 +54,6 @@ class Runner:
         backend_factory: Callable[[], Backend],
         *,
         queue_size: int,
-        batch_window: float = 0.005,
     ) -> None:
         self.name = name
         self.state = RunnerState.STARTING
@@ -61,13 +63,16 @@ class Runner:
         self._backend_factory = backend_factory
         self._queue: collections.deque[QueuedJob] = collections.deque()
         self._queue_size = queue_size
-        self._batch_window = batch_window
+        #: Set while a batch runs when waiting jobs could join it (the backend may pause).
+        self._yield = threading.Event()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
         self._task: asyncio.Task[None] | None = None
         self.running: list[QueuedJob] = []
         #: Set once loading has finished, whether it succeeded or not.
         self.loaded = asyncio.Event()
+        #: How many batches of each size have run (for tests and /metrics).
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
 
     @property
     def queue_depth(self) -> int:
@@ -122,7 +127,21 @@ class Runner:
         self._queue.append(queued)
         if self.state is RunnerState.SETUP_FAILED:
             self._fail_queued()
+        elif self._could_join(queued):
+            self._yield.set()
         self._wakeup.set()
+
+    def _could_join(self, queued: QueuedJob) -> bool:
+        """Whether a new job could share the running batch if the backend paused it."""
+        running = self.running
+        backend = self.backend
+        return (
+            backend is not None
+            and bool(running)
+            and queued.batch_key is not None
+            and queued.batch_key == running[0].batch_key
+            and len(running) < backend.max_batch_size
+        )
 
     def remove(self, job: Job) -> bool:
         """Take a job that has not started out of the queue; False if it is not queued."""
@@ -138,6 +157,7 @@ class Runner:
             self._queue.popleft().finished(RuntimeError(message))
 
     def _take_batch(self) -> list[QueuedJob]:
+        """The oldest job and, up to the batch size, later ones with the same batch key."""
         head = self._queue.popleft()
         assert self.backend is not None
         limit = self.backend.max_batch_size
@@ -161,31 +181,43 @@ class Runner:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if backend.max_batch_size > 1 and len(self._queue) < backend.max_batch_size:
+            if backend.batch_window > 0 and len(self._queue) < backend.max_batch_size:
                 # A short gathering window lets near-simultaneous requests share a batch.
-                await asyncio.sleep(self._batch_window)
+                await asyncio.sleep(backend.batch_window)
             if not self._queue:
                 continue
             batch = await self._start_batch(self._take_batch())
             if not batch:
                 continue
+            self._yield.clear()
+            if any(self._could_join(q) for q in self._queue):
+                self._yield.set()
             try:
                 outcomes = await loop.run_in_executor(
-                    self._executor, backend.run_batch, [q.job for q in batch]
+                    self._executor, backend.run_batch, [q.job for q in batch], self._yield
                 )
             except Exception as exc:  # the backend failed as a whole: fail the batch only
                 log.exception("model %s failed a batch of %d", self.name, len(batch))
                 outcomes = [exc] * len(batch)
             finally:
                 self.running = []
+            self.batch_sizes[len(batch)] += 1
+            paused = [q for q, o in zip(batch, outcomes, strict=True) if isinstance(o, Paused)]
+            # Paused jobs go back to the front, in order, to resume in a bigger batch.
+            self._queue.extendleft(reversed(paused))
             for queued, outcome in zip(batch, outcomes, strict=True):
-                queued.finished(outcome)
+                if not isinstance(outcome, Paused):
+                    queued.finished(outcome)
 
     async def _start_batch(self, batch: list[QueuedJob]) -> list[QueuedJob]:
         """Mark jobs started and prepare their inputs; jobs that fail to prepare end here."""
         self.running = batch
         ready = []
         for queued in batch:
+            if queued.begun:  # a paused job resuming: started and prepared already
+                ready.append(queued)
+                continue
+            queued.begun = True
             queued.started()
             if queued.prepare is not None:
                 try:
