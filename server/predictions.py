@@ -113,15 +113,19 @@ class PredictionService:
         runner = self.runners[entry.ref]
         runner.admit()
         checked = self.validator(entry).validate(request.input)
+        # A model still loading: the create waits for it, as a cold start does on Replicate.
+        await runner.loaded.wait()
         backend = runner.backend
-        if backend is not None:
-            try:
-                # Backends may tokenize here; keep that off the event loop.
-                await asyncio.to_thread(backend.check_input, checked.values, checked.provided)
-            except ModelInputError as exc:
-                raise InputInvalid([{"field": exc.field, "message": exc.message}]) from exc
-        elif runner.state is RunnerState.SETUP_FAILED:
-            raise Unavailable(f"Model {entry.ref} failed to load: {runner.setup_error}")
+        if runner.state is not RunnerState.READY or backend is None:
+            raise Unavailable(
+                f"Model {entry.ref} is not available: {runner.setup_error or runner.state}",
+                headers={"Retry-After": "30"},
+            )
+        try:
+            # Backends may tokenize here; keep that off the event loop.
+            await asyncio.to_thread(backend.check_input, checked.values, checked.provided)
+        except ModelInputError as exc:
+            raise InputInvalid([{"field": exc.field, "message": exc.message}]) from exc
         prediction = Prediction(
             id=new_prediction_id(),
             model=entry.ref,
@@ -152,7 +156,7 @@ class PredictionService:
         runner.submit(
             QueuedJob(
                 job=job,
-                batch_key=backend.batch_key(checked.values, checked.provided) if backend else None,
+                batch_key=backend.batch_key(checked.values, checked.provided),
                 started=lambda: self._on_started(prediction.id),
                 finished=lambda outcome: self._on_finished(prediction.id, outcome),
                 prepare=self._preparer(entry, job),

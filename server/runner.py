@@ -1,8 +1,12 @@
 """Runner: one per served model. Loads the backend, queues jobs, batches them, runs them.
 
-Admission is decided up front (`admit` raises QueueFull when the bounded queue has no room),
-jobs run in arrival order on the runner's own single-thread executor, and jobs whose
-`batch_key` matches may run together in one backend call, gathered for a short window.
+Admission is decided up front (`admit` raises QueueFull when the bounded queue has no room).
+A queued job's input is prepared (e.g. images downloaded) while it waits, so the model never
+waits on the network. Prepared jobs run in arrival order on the runner's own single-thread
+executor; jobs whose `batch_key` matches may share one backend call. When a job arrives that
+could join the running batch, the runner sets `yield_event` and a backend that can pause
+(see `models.base.Paused`) stops early so the next batch includes the newcomer.
+
 The runner knows jobs, not predictions: it reports through each job's `started` and
 `finished` callbacks, which `server.predictions` supplies.
 """
@@ -21,7 +25,7 @@ from typing import Any
 
 import attrs
 
-from models.base import Backend, Job, LoadInfo, Paused
+from models.base import Backend, Job, LoadInfo, Outcome, Paused
 from server.errors import QueueFull
 
 log = logging.getLogger(__name__)
@@ -39,12 +43,15 @@ class QueuedJob:
     job: Job
     batch_key: Hashable | None
     started: Callable[[], None]
-    finished: Callable[[BaseException | None], None]
-    #: Awaited after `started` and before the model runs (e.g. to download image inputs);
-    #: an exception fails this job only.
+    finished: Callable[[Outcome], None]
+    #: Awaited while the job waits in the queue (e.g. to download image inputs); an
+    #: exception fails this job only.
     prepare: Callable[[], Awaitable[None]] | None = None
+    #: True once `prepare` is done (or there is nothing to prepare).
+    ready: bool = False
     #: True once the job has run at least once (it may come back Paused).
     begun: bool = False
+    preparing: asyncio.Task[None] | None = None
 
 
 class Runner:
@@ -60,19 +67,19 @@ class Runner:
         self.setup_error: str | None = None
         self.load_info: LoadInfo | None = None
         self.backend: Backend | None = None
-        self._backend_factory = backend_factory
-        self._queue: collections.deque[QueuedJob] = collections.deque()
-        self._queue_size = queue_size
-        #: Set while a batch runs when waiting jobs could join it (the backend may pause).
-        self._yield = threading.Event()
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
-        self._task: asyncio.Task[None] | None = None
         self.running: list[QueuedJob] = []
         #: Set once loading has finished, whether it succeeded or not.
         self.loaded = asyncio.Event()
         #: How many batches of each size have run (for tests and /metrics).
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self._backend_factory = backend_factory
+        self._queue: collections.deque[QueuedJob] = collections.deque()
+        self._queue_size = queue_size
+        self._wakeup = asyncio.Event()
+        #: Set while a batch runs when waiting jobs could join it (the backend may pause).
+        self._yield = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -81,6 +88,8 @@ class Runner:
     @property
     def full(self) -> bool:
         return len(self._queue) >= self._queue_size
+
+    # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load the model on the executor, then start serving the queue."""
@@ -92,7 +101,7 @@ class Runner:
             log.exception("model %s failed to load", self.name)
             self.state = RunnerState.SETUP_FAILED
             self.setup_error = f"{type(exc).__name__}: {exc}"
-            self._fail_queued()
+            self._fail_queued(f"model {self.name} failed to load: {self.setup_error}")
             self.loaded.set()
             return
         self.state = RunnerState.READY
@@ -114,6 +123,8 @@ class Runner:
         # Waiting for the model thread blocks, so it happens off the event loop.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
+    # -- the queue --------------------------------------------------------------------------
+
     def admit(self) -> None:
         """Raise QueueFull (429) unless a new job would fit in the queue."""
         if self.full:
@@ -124,69 +135,101 @@ class Runner:
 
     def submit(self, queued: QueuedJob) -> None:
         self.admit()
-        self._queue.append(queued)
         if self.state is RunnerState.SETUP_FAILED:
-            self._fail_queued()
-        elif self._could_join(queued):
+            queued.finished(RuntimeError(f"model {self.name} failed to load: {self.setup_error}"))
+            return
+        self._queue.append(queued)
+        if queued.prepare is None:
+            queued.ready = True
+            self._job_ready(queued)
+        else:
+            queued.preparing = asyncio.create_task(
+                self._prepare(queued), name=f"prepare-{self.name}"
+            )
+
+    async def _prepare(self, queued: QueuedJob) -> None:
+        assert queued.prepare is not None
+        try:
+            await queued.prepare()
+        except Exception as exc:
+            if self._drop(queued):
+                queued.finished(exc)
+            return
+        queued.ready = True
+        self._job_ready(queued)
+
+    def _job_ready(self, queued: QueuedJob) -> None:
+        if self._could_join(queued):
             self._yield.set()
         self._wakeup.set()
 
     def _could_join(self, queued: QueuedJob) -> bool:
-        """Whether a new job could share the running batch if the backend paused it."""
+        """Whether a waiting job could share the running batch if the backend paused it."""
         running = self.running
         backend = self.backend
         return (
             backend is not None
             and bool(running)
+            and queued.ready
             and queued.batch_key is not None
             and queued.batch_key == running[0].batch_key
             and len(running) < backend.max_batch_size
         )
 
+    def _drop(self, queued: QueuedJob) -> bool:
+        try:
+            self._queue.remove(queued)
+        except ValueError:
+            return False
+        if queued.preparing is not None and not queued.preparing.done():
+            queued.preparing.cancel()
+        return True
+
     def remove(self, job: Job) -> bool:
-        """Take a job that has not started out of the queue; False if it is not queued."""
+        """Take a job that is not running out of the queue; False if it is not queued."""
         for queued in self._queue:
             if queued.job is job:
-                self._queue.remove(queued)
-                return True
+                return self._drop(queued)
         return False
 
-    def _fail_queued(self, reason: str | None = None) -> None:
-        message = reason or f"model {self.name} failed to load: {self.setup_error}"
+    def _fail_queued(self, reason: str) -> None:
         while self._queue:
-            self._queue.popleft().finished(RuntimeError(message))
+            queued = self._queue.popleft()
+            if queued.preparing is not None:
+                queued.preparing.cancel()
+            queued.finished(RuntimeError(reason))
 
     def _take_batch(self) -> list[QueuedJob]:
-        """The oldest job and, up to the batch size, later ones with the same batch key."""
-        head = self._queue.popleft()
+        """The oldest ready job and, up to the batch size, later ready ones with its key."""
+        head = next(q for q in self._queue if q.ready)
         assert self.backend is not None
-        limit = self.backend.max_batch_size
         batch = [head]
-        if head.batch_key is None or limit <= 1:
-            return batch
-        for queued in list(self._queue):
+        limit = self.backend.max_batch_size if head.batch_key is not None else 1
+        for queued in self._queue:
             if len(batch) >= limit:
                 break
-            if queued.batch_key == head.batch_key:
-                self._queue.remove(queued)
+            if queued is not head and queued.ready and queued.batch_key == head.batch_key:
                 batch.append(queued)
+        for queued in batch:
+            self._queue.remove(queued)
         return batch
+
+    # -- running ----------------------------------------------------------------------------
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         backend = self.backend
         assert backend is not None
         while True:
-            if not self._queue:
+            if not any(q.ready for q in self._queue):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if backend.batch_window > 0 and len(self._queue) < backend.max_batch_size:
+            ready = sum(q.ready for q in self._queue)
+            if backend.batch_window > 0 and ready < backend.max_batch_size:
                 # A short gathering window lets near-simultaneous requests share a batch.
                 await asyncio.sleep(backend.batch_window)
-            if not self._queue:
-                continue
-            batch = await self._start_batch(self._take_batch())
+            batch = self._start_batch(self._take_batch())
             if not batch:
                 continue
             self._yield.clear()
@@ -209,22 +252,13 @@ class Runner:
                 if not isinstance(outcome, Paused):
                     queued.finished(outcome)
 
-    async def _start_batch(self, batch: list[QueuedJob]) -> list[QueuedJob]:
-        """Mark jobs started and prepare their inputs; jobs that fail to prepare end here."""
-        self.running = batch
+    def _start_batch(self, batch: list[QueuedJob]) -> list[QueuedJob]:
+        """Mark jobs started; jobs canceled meanwhile end here without running."""
         ready = []
         for queued in batch:
-            if queued.begun:  # a paused job resuming: started and prepared already
-                ready.append(queued)
-                continue
-            queued.begun = True
-            queued.started()
-            if queued.prepare is not None:
-                try:
-                    await queued.prepare()
-                except Exception as exc:
-                    queued.finished(exc)
-                    continue
+            if not queued.begun:
+                queued.begun = True
+                queued.started()
             if queued.job.canceled:
                 queued.finished(None)
                 continue
