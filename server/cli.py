@@ -94,6 +94,60 @@ def build_parser() -> argparse.ArgumentParser:
         "database (REPLICANT_FLUSH_INTERVAL)",
     )
     serve.add_argument(
+        "--webhook-throttle",
+        type=float,
+        default=float(_env("WEBHOOK_THROTTLE", "0.5")),
+        help="least seconds between two output/logs webhooks of one prediction; start and "
+        "completed are never held back (REPLICANT_WEBHOOK_THROTTLE)",
+    )
+    serve.add_argument(
+        "--webhook-timeout",
+        type=float,
+        default=float(_env("WEBHOOK_TIMEOUT", "10")),
+        help="seconds allowed for one webhook request (REPLICANT_WEBHOOK_TIMEOUT)",
+    )
+    serve.add_argument(
+        "--webhook-retry-window",
+        type=float,
+        default=float(_env("WEBHOOK_RETRY_WINDOW", "300")),
+        help="seconds after a prediction ends during which a failing completed webhook is "
+        "retried (REPLICANT_WEBHOOK_RETRY_WINDOW)",
+    )
+    serve.add_argument(
+        "--webhook-retry-delay",
+        type=float,
+        default=float(_env("WEBHOOK_RETRY_DELAY", "1")),
+        help="seconds before the first retry of a completed webhook; doubles on each retry, "
+        "with jitter, up to a minute (REPLICANT_WEBHOOK_RETRY_DELAY)",
+    )
+    serve.add_argument(
+        "--webhook-concurrency",
+        type=int,
+        default=int(_env("WEBHOOK_CONCURRENCY", "32")),
+        help="webhook requests in flight at once (REPLICANT_WEBHOOK_CONCURRENCY)",
+    )
+    serve.add_argument(
+        "--webhook-host-concurrency",
+        type=int,
+        default=int(_env("WEBHOOK_HOST_CONCURRENCY", "8")),
+        help="webhook requests in flight at once to one receiving host "
+        "(REPLICANT_WEBHOOK_HOST_CONCURRENCY)",
+    )
+    serve.add_argument(
+        "--webhook-backlog",
+        type=int,
+        default=int(_env("WEBHOOK_BACKLOG", "1000")),
+        help="predictions whose webhooks are held in memory; beyond it completed webhooks "
+        "wait in the database and others are dropped (REPLICANT_WEBHOOK_BACKLOG)",
+    )
+    serve.add_argument(
+        "--webhook-deny-private",
+        action="store_true",
+        default=_env("WEBHOOK_DENY_PRIVATE", "") not in ("", "0", "false", "no"),
+        help="refuse webhooks to loopback and private addresses too; link-local and cloud "
+        "metadata addresses are always refused (REPLICANT_WEBHOOK_DENY_PRIVATE=1)",
+    )
+    serve.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -137,6 +191,14 @@ def serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         queue_size=args.queue_size,
         flush_interval=args.flush_interval,
+        webhook_throttle=args.webhook_throttle,
+        webhook_timeout=args.webhook_timeout,
+        webhook_retry_window=args.webhook_retry_window,
+        webhook_retry_delay=args.webhook_retry_delay,
+        webhook_concurrency=args.webhook_concurrency,
+        webhook_host_concurrency=args.webhook_host_concurrency,
+        webhook_backlog=args.webhook_backlog,
+        webhook_deny_private=args.webhook_deny_private,
     )
     try:
         catalog = load_catalog(config.catalog_path, data_dir=config.data_dir)
@@ -153,16 +215,17 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(attrs.evolve(config, api_tokens=tokens), catalog=catalog)
     models = [entry.ref for entry in catalog]
 
-    async def announce(_: web.Application) -> None:
-        url = config.public_url or config.listen_url
+    url = config.public_url or config.listen_url
+
+    def announce(_: str) -> None:
+        # run_app calls this once its sockets listen, so the banner never runs ahead of them.
         print(banner(url, token_note, models), flush=True)
 
-    app.on_startup.append(announce)
     web.run_app(
         app,
         host=config.host,
         port=config.port,
-        print=None,
+        print=announce,
         access_log_format='%a "%r" %s %b %Tfs',
         shutdown_timeout=10,
     )
