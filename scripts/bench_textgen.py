@@ -81,7 +81,10 @@ def raw_single(generator: Any, tokens: list[str], max_tokens: int) -> tuple[floa
 def raw_batch(generator: Any, batch: list[list[str]], max_tokens: int) -> tuple[float, int]:
     start = time.perf_counter()
     results = generator.generate_batch(
-        batch, max_length=max_tokens, sampling_topk=1, end_token="<|im_end|>",
+        batch,
+        max_length=max_tokens,
+        sampling_topk=1,
+        end_token="<|im_end|>",
         include_prompt_in_result=False,
     )
     elapsed = time.perf_counter() - start
@@ -107,7 +110,9 @@ async def stream_one(
         created = await resp.json()
     first = None
     outputs = 0
-    async with session.get(created["urls"]["stream"], headers={"Accept": "text/event-stream"}) as resp:
+    async with session.get(
+        created["urls"]["stream"], headers={"Accept": "text/event-stream"}
+    ) as resp:
         event = ""
         async for raw in resp.content:
             line = raw.decode().rstrip("\r\n")
@@ -170,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model-dir", type=Path, default=ROOT / "data/models/smollm2-135m-instruct",
-                        help="CTranslate2 model directory (prepared if missing)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=ROOT / "data/models/smollm2-135m-instruct",
+        help="CTranslate2 model directory (prepared if missing)",
+    )
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per generation")
     parser.add_argument("--prompts", type=int, default=5, help="single-stream runs (median)")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent streams")
@@ -181,14 +190,22 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (args.model_dir / "model.bin").exists():
         log(f"preparing the default model in {args.model_dir}")
-        subprocess.run([sys.executable, str(ROOT / "scripts/prepare_default_model.py"),
-                        "--out", str(args.model_dir)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts/prepare_default_model.py"),
+                "--out",
+                str(args.model_dir),
+            ],
+            check=True,
+        )
     threads = args.threads or len(os.sched_getaffinity(0))
     tokenizer = tokenizers.Tokenizer.from_file(str(args.model_dir / "tokenizer.json"))
 
     log("raw CTranslate2: loading")
-    generator = ctranslate2.Generator(str(args.model_dir), device="cpu", compute_type="float32",
-                                      intra_threads=threads)
+    generator = ctranslate2.Generator(
+        str(args.model_dir), device="cpu", compute_type="float32", intra_threads=threads
+    )
     raw_single(generator, prompt_tokens(tokenizer, PROMPTS[0]), 8)  # warm-up
     singles = []
     for i, prompt in enumerate(PROMPTS[: args.prompts]):
@@ -219,9 +236,23 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "REPLICANT_API_TOKENS": token}
         log(f"starting the server on port {port}")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--port", str(port), "--data-dir",
-             str(Path(tmp) / "data"), "--catalog", str(catalog), "--log-level", "warning"],
-            env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(Path(tmp) / "data"),
+                "--catalog",
+                str(catalog),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
         )
         try:
             base = f"http://127.0.0.1:{port}"
@@ -233,10 +264,19 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(timeout=30)
 
     figures = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": threads,
-                    "python": platform.python_version(), "ctranslate2": ctranslate2.__version__},
-        "settings": {"max_tokens": args.max_tokens, "prompts": args.prompts,
-                     "concurrency": args.concurrency, "compute_type": "float32", "greedy": True},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": threads,
+            "python": platform.python_version(),
+            "ctranslate2": ctranslate2.__version__,
+        },
+        "settings": {
+            "max_tokens": args.max_tokens,
+            "prompts": args.prompts,
+            "concurrency": args.concurrency,
+            "compute_type": "float32",
+            "greedy": True,
+        },
         "raw": raw,
         "server": server,
         "ratios": {
@@ -248,14 +288,34 @@ def main(argv: list[str] | None = None) -> int:
     }
     r, s, q = raw, server, figures["ratios"]
     rows = [
-        ("single stream tokens/s", f"{r['single_tps']:.1f}", f"{s['single_tps']:.1f}",
-         f"{q['single_tps_server_over_raw']:.1%}", ">= 95%"),
-        ("time to first token (ms)", f"{r['single_ttft_s'] * 1000:.1f}",
-         f"{s['single_ttft_s'] * 1000:.1f}", f"+{q['ttft_added_ms']:.1f} ms", "<= +15 ms"),
-        (f"{args.concurrency} streams, total tokens/s", f"{r['batch_tps']:.1f}",
-         f"{s['concurrent_tps']:.1f}", f"{q['concurrent_server_over_raw_batch']:.1%}", ">= 85%"),
-        (f"{args.concurrency} streams / server single", "", "",
-         f"{q['concurrent_over_server_single']:.2f}x", ">= 3x"),
+        (
+            "single stream tokens/s",
+            f"{r['single_tps']:.1f}",
+            f"{s['single_tps']:.1f}",
+            f"{q['single_tps_server_over_raw']:.1%}",
+            ">= 95%",
+        ),
+        (
+            "time to first token (ms)",
+            f"{r['single_ttft_s'] * 1000:.1f}",
+            f"{s['single_ttft_s'] * 1000:.1f}",
+            f"+{q['ttft_added_ms']:.1f} ms",
+            "<= +15 ms",
+        ),
+        (
+            f"{args.concurrency} streams, total tokens/s",
+            f"{r['batch_tps']:.1f}",
+            f"{s['concurrent_tps']:.1f}",
+            f"{q['concurrent_server_over_raw_batch']:.1%}",
+            ">= 85%",
+        ),
+        (
+            f"{args.concurrency} streams / server single",
+            "",
+            "",
+            f"{q['concurrent_over_server_single']:.2f}x",
+            ">= 3x",
+        ),
         ("server peak RSS (MiB)", "", f"{s['peak_rss_mib']:.0f}", "", ""),
     ]
     print(f"{'':34} {'raw CT2':>10} {'server':>10} {'ratio':>12} {'target':>10}")
