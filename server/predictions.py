@@ -17,14 +17,14 @@ from typing import Any
 
 import attrs
 
-from models.base import Job, ModelInputError
+from models.base import Backend, Job, ModelInputError
 from models.catalog import ModelEntry
 from server.errors import InputInvalid, NotFound, Unavailable
 from server.events import EventLog, StreamEvent, done_events, event_id
 from server.records import Prediction, Status, new_prediction_id
 from server.runner import QueuedJob, Runner, RunnerState
 from server.store import PredictionStore
-from server.validation import InputValidator
+from server.validation import InputValidator, ValidatedInput
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,39 @@ class PredictionService:
             )
         runner = self.runners[entry.ref]
         runner.admit()
+        try:
+            prediction, checked, backend = await self._check(entry, version, request, runner)
+            job = Job(
+                input=checked.values,
+                provided=checked.provided,
+                sink=_ThreadSink(asyncio.get_running_loop(), self, prediction.id),
+            )
+            await self.store.insert(prediction)
+        except BaseException:
+            runner.release()
+            raise
+        live = LivePrediction(prediction=prediction, events=EventLog(), job=job, runner=runner)
+        if prediction.logs:
+            live.events.append(
+                StreamEvent("logs", prediction.logs, event_id(0, len(prediction.logs)))
+            )
+        self._live[prediction.id] = live
+        runner.submit(
+            QueuedJob(
+                job=job,
+                batch_key=backend.batch_key(checked.values, checked.provided),
+                started=lambda: self._on_started(prediction.id),
+                finished=lambda outcome: self._on_finished(prediction.id, outcome),
+                prepare=self._preparer(entry, job),
+            )
+        )
+        self._notify(prediction, "created")
+        return prediction
+
+    async def _check(
+        self, entry: ModelEntry, version: str, request: CreateRequest, runner: Runner
+    ) -> tuple[Prediction, ValidatedInput, Backend]:
+        """Validate a create against the schema and the model; the new, unsaved prediction."""
         checked = self.validator(entry).validate(request.input)
         # A model still loading: the create waits for it, as a cold start does on Replicate.
         await runner.loaded.wait()
@@ -141,29 +174,7 @@ class PredictionService:
             prediction.logs = (
                 f"Ignored input fields not in the schema: {', '.join(checked.ignored)}\n"
             )
-        job = Job(
-            input=checked.values,
-            provided=checked.provided,
-            sink=_ThreadSink(asyncio.get_running_loop(), self, prediction.id),
-        )
-        await self.store.insert(prediction)
-        live = LivePrediction(prediction=prediction, events=EventLog(), job=job, runner=runner)
-        if prediction.logs:
-            live.events.append(
-                StreamEvent("logs", prediction.logs, event_id(0, len(prediction.logs)))
-            )
-        self._live[prediction.id] = live
-        runner.submit(
-            QueuedJob(
-                job=job,
-                batch_key=backend.batch_key(checked.values, checked.provided),
-                started=lambda: self._on_started(prediction.id),
-                finished=lambda outcome: self._on_finished(prediction.id, outcome),
-                prepare=self._preparer(entry, job),
-            )
-        )
-        self._notify(prediction, "created")
-        return prediction
+        return prediction, checked, backend
 
     def _preparer(self, entry: ModelEntry, job: Job) -> Callable[[], Awaitable[None]] | None:
         preparer = self.input_preparer

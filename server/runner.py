@@ -75,6 +75,8 @@ class Runner:
         self._backend_factory = backend_factory
         self._queue: collections.deque[QueuedJob] = collections.deque()
         self._queue_size = queue_size
+        #: Places promised by `admit` to creates that have not submitted yet.
+        self._reserved = 0
         self._wakeup = asyncio.Event()
         #: Set while a batch runs when waiting jobs could join it (the backend may pause).
         self._yield = threading.Event()
@@ -87,7 +89,7 @@ class Runner:
 
     @property
     def full(self) -> bool:
-        return len(self._queue) >= self._queue_size
+        return len(self._queue) + self._reserved >= self._queue_size
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -126,15 +128,25 @@ class Runner:
     # -- the queue --------------------------------------------------------------------------
 
     def admit(self) -> None:
-        """Raise QueueFull (429) unless a new job would fit in the queue."""
+        """Reserve a place in the queue, or raise QueueFull (429).
+
+        Admission is decided once, before a create validates and stores anything; the place
+        is then the create's own, to `submit` into or to give back with `release`.
+        """
         if self.full:
             raise QueueFull(
                 f"The queue of {self.name} is full ({self._queue_size} waiting); retry shortly.",
                 headers={"Retry-After": "1"},
             )
+        self._reserved += 1
+
+    def release(self) -> None:
+        """Give back a place reserved by `admit` that will not be used."""
+        self._reserved -= 1
 
     def submit(self, queued: QueuedJob) -> None:
-        self.admit()
+        """Queue a job into the place its create reserved with `admit`."""
+        self._reserved -= 1
         if self.state is RunnerState.SETUP_FAILED:
             queued.finished(RuntimeError(f"model {self.name} failed to load: {self.setup_error}"))
             return

@@ -187,3 +187,37 @@ async def test_setup_failure_is_reported_not_fatal(
     # The other models still serve.
     ok = await create(client, {"prompt": "x", "max_tokens": 1}, Prefer="wait=10")
     assert ok["status"] == "succeeded"
+
+
+async def test_full_queue_answers_429_and_stores_nothing_for_it(
+    aiohttp_client: AiohttpClient, tmp_path: Path, tiny_model: Path
+) -> None:
+    app = create_app(make_config(tmp_path, tiny_model, queue_size=2))
+    client = await aiohttp_client(app)
+    await wait_ready(app)
+    async with model_busy(client):
+        # One batch is parked on the model thread; the queue behind it holds two.
+        first = await create(client, {"prompt": "x", "max_tokens": 1})
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    f"/v1/models/{SMOL}/predictions",
+                    json={"input": {"prompt": "x", "max_tokens": 1, "seed": i}},
+                    headers=AUTH,
+                )
+                for i in range(6)
+            )
+        )
+        statuses = sorted(r.status for r in responses)
+        assert statuses == [201, 201, 429, 429, 429, 429]
+        for resp in responses:
+            if resp.status == 429:
+                assert resp.headers["Retry-After"] == "1"
+                assert resp.content_type == "application/problem+json"
+        health = await (await client.get("/health-check")).json()
+        assert health["status"] == "BUSY"
+    page = await (await client.get("/v1/predictions", headers=AUTH)).json()
+    assert len(page["results"]) == 3  # the first and the two admitted; no orphans
+    for p in [first, *(await asyncio.gather(*(r.json() for r in responses if r.status == 201)))]:
+        final = await client.app[keys.PREDICTIONS].wait(p["id"], 30)
+        assert final.status is Status.SUCCEEDED
