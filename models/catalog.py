@@ -9,12 +9,13 @@ A catalog is a TOML file with one `[[model]]` table per served model::
     schema = "huggingfacetb__smollm2-135m-instruct.json"   # file in schemas/ (or a path)
     description = "..."
     extra_versions = ["5fe0a3d7..."]                # more version ids this entry answers to
+    max_prediction_time = 600                       # seconds; a longer prediction is canceled
     [model.settings]                                # backend settings, see each backend
     device = "auto"
 
 Relative paths are taken from the catalog file's folder; `{data_dir}` is the server's data
-directory. An entry's own version id is the sha256 of its schema and its weights manifest
-(file names, sizes and the small JSON files), so it changes exactly when either does.
+directory. An entry's own version id is the sha256 of its name, its schema and its weights manifest
+(file names, sizes and the small JSON files), so it changes exactly when one of them does.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class _EntrySpec:
     schema: str
     description: str = ""
     extra_versions: list[str] = attrs.field(factory=list)
+    max_prediction_time: float | None = None
     settings: dict[str, Any] = attrs.field(factory=dict)
 
 
@@ -81,6 +83,8 @@ class ModelEntry:
     extra_versions: tuple[str, ...]
     settings: Mapping[str, Any]
     created_at: datetime
+    #: Seconds after which a prediction of this model is canceled; None = no limit.
+    max_prediction_time: float | None = None
 
     @property
     def ref(self) -> str:
@@ -124,9 +128,16 @@ def weights_manifest(weights: Path) -> list[Any]:
     return manifest
 
 
-def version_id(schema: ModelSchema, weights: Path) -> str:
+def version_id(name: str, schema: ModelSchema, weights: Path) -> str:
+    """sha256 of the schema and the weights manifest, and of the model's name: a version
+    belongs to one model, as on Replicate, even when two entries share their weights."""
     payload = json.dumps(
-        {"input": schema.input, "output": schema.output, "weights": weights_manifest(weights)},
+        {
+            "name": name,
+            "input": schema.input,
+            "output": schema.output,
+            "weights": weights_manifest(weights),
+        },
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -218,6 +229,8 @@ def _entry(raw: Any, index: int, path: Path, base: Path, data_dir: Path) -> Mode
         raise CatalogError(f"{where}: name {spec.name!r} must look like owner/name")
     if spec.backend not in BACKENDS:
         raise CatalogError(f"{where}: backend must be one of {', '.join(BACKENDS)}")
+    if spec.max_prediction_time is not None and spec.max_prediction_time <= 0:
+        raise CatalogError(f"{where}: max_prediction_time must be a positive number of seconds")
     for vid in spec.extra_versions:
         if not _VERSION.match(vid.lower()):
             raise CatalogError(f"{where}: extra version {vid!r} is not 64 hex digits")
@@ -238,8 +251,9 @@ def _entry(raw: Any, index: int, path: Path, base: Path, data_dir: Path) -> Mode
         weights=weights,
         schema=schema,
         description=spec.description or str(schema.input.get("description", "")),
-        version_id=version_id(schema, weights),
+        version_id=version_id(name, schema, weights),
         extra_versions=tuple(v.lower() for v in spec.extra_versions),
         settings=dict(spec.settings),
         created_at=created,
+        max_prediction_time=spec.max_prediction_time,
     )

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import attrs
@@ -42,6 +43,8 @@ class CreateRequest:
     webhook: str | None = None
     webhook_events_filter: tuple[str, ...] | None = None
     source: str = "api"
+    #: Seconds from creation after which the prediction is canceled (`Cancel-After`).
+    cancel_after: float | None = None
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -54,6 +57,9 @@ class LivePrediction:
     runner: Runner
     done: asyncio.Event = attrs.field(factory=asyncio.Event)
     dirty: bool = False
+    #: Why it was canceled, when the server did it (a deadline); shown as its error.
+    cancel_reason: str | None = None
+    deadline_timer: asyncio.TimerHandle | None = None
 
 
 class _ThreadSink:
@@ -94,6 +100,8 @@ class PredictionService:
         self._recent: dict[str, EventLog] = {}
         self._flush_interval = flush_interval
         self._accepting = True
+        #: Background tasks (finishing, deadline cancels), kept so they are not collected.
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- creating ---------------------------------------------------------------------------
 
@@ -129,6 +137,11 @@ class PredictionService:
                 StreamEvent("logs", prediction.logs, event_id(0, len(prediction.logs)))
             )
         self._live[prediction.id] = live
+        if prediction.deadline is not None:
+            delay = (prediction.deadline - prediction.created_at).total_seconds()
+            live.deadline_timer = asyncio.get_running_loop().call_later(
+                delay, self._deadline_passed, prediction.id, delay
+            )
         runner.submit(
             QueuedJob(
                 job=job,
@@ -170,6 +183,9 @@ class PredictionService:
         )
         if request.webhook_events_filter is not None:
             prediction.webhook_events_filter = request.webhook_events_filter
+        limits = [t for t in (request.cancel_after, entry.max_prediction_time) if t]
+        if limits:
+            prediction.deadline = prediction.created_at + timedelta(seconds=min(limits))
         if checked.ignored:
             prediction.logs = (
                 f"Ignored input fields not in the schema: {', '.join(checked.ignored)}\n"
@@ -217,11 +233,15 @@ class PredictionService:
     # -- cancelling -------------------------------------------------------------------------
 
     async def cancel(self, prediction_id: str, *, reason: str | None = None) -> Prediction | None:
-        """Cancel in any state; a finished prediction comes back unchanged."""
+        """Cancel in any state; a finished prediction comes back unchanged.
+
+        `reason` is for cancels the server decides (a deadline): it becomes the error.
+        """
         live = self._live.get(prediction_id)
         if live is None:
             return await self.store.get(prediction_id)
-        if reason:
+        if reason and live.cancel_reason is None:
+            live.cancel_reason = reason
             self._on_log(prediction_id, f"{reason}\n")
         if live.runner.remove(live.job):
             await self._finish(live, Status.CANCELED, None)
@@ -231,6 +251,13 @@ class PredictionService:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(live.done.wait(), 5)
         return live.prediction
+
+    def _deadline_passed(self, prediction_id: str, seconds: float) -> None:
+        reason = f"Canceled: the prediction passed its deadline of {seconds:g} s."
+        task = asyncio.get_running_loop().create_task(self.cancel(prediction_id, reason=reason))
+        task.add_done_callback(_log_task_error)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- what the runner and the model report -----------------------------------------------
 
@@ -291,11 +318,17 @@ class PredictionService:
         # ready queue ahead of this call, so the output is complete here.
         task = asyncio.get_running_loop().create_task(self._finish(live, status, error))
         task.add_done_callback(_log_task_error)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _finish(self, live: LivePrediction, status: Status, error: str | None) -> None:
         p = live.prediction
         if p.status.terminal:
             return
+        if live.deadline_timer is not None:
+            live.deadline_timer.cancel()
+        if status is Status.CANCELED and live.cancel_reason:
+            p.error = live.cancel_reason
         if error is not None:
             p.error = error
             self._on_log(p.id, f"Prediction failed: {error}\n")
@@ -359,6 +392,6 @@ def _error_text(exc: BaseException) -> str:
     return text if text else type(exc).__name__
 
 
-def _log_task_error(task: asyncio.Task[None]) -> None:
+def _log_task_error(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("finishing a prediction failed", exc_info=task.exception())

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,52 @@ async def test_full_queue_answers_429_and_stores_nothing_for_it(
     for p in [first, *(await asyncio.gather(*(r.json() for r in responses if r.status == 201)))]:
         final = await client.app[keys.PREDICTIONS].wait(p["id"], 30)
         assert final.status is Status.SUCCEEDED
+
+
+async def test_cancel_after_header_sets_the_deadline(client: Client) -> None:
+    resp = await client.post(
+        f"/v1/models/{SMOL}/predictions",
+        json={"input": {"prompt": "x", "max_tokens": 1}},
+        headers={**AUTH, "Cancel-After": "1h30m"},
+    )
+    body = await resp.json()
+    created = datetime.fromisoformat(body["created_at"].replace("Z", "+00:00"))
+    deadline = datetime.fromisoformat(body["deadline"].replace("Z", "+00:00"))
+    assert (deadline - created).total_seconds() == 5400
+    for bad, status in (("soon", 400), ("2s", 422), ("", 400), ("5x", 400)):
+        resp = await client.post(
+            f"/v1/models/{SMOL}/predictions",
+            json={"input": {"prompt": "x"}},
+            headers={**AUTH, "Cancel-After": bad},
+        )
+        assert resp.status == status, bad
+        assert resp.content_type == "application/problem+json"
+
+
+async def test_prediction_past_its_deadline_is_canceled_and_says_why(
+    aiohttp_client: AiohttpClient, tmp_path: Path, tiny_model: Path
+) -> None:
+    limited = (
+        '[[model]]\nname = "limited/model"\nbackend = "ctranslate2"\n'
+        f'weights = "{tiny_model}"\nschema = "meta__llama-2-7b-chat.json"\n'
+        "max_prediction_time = 0.3\n"
+    )
+    app = create_app(make_config(tmp_path, tiny_model, extra=limited))
+    client = await aiohttp_client(app)
+    await wait_ready(app)
+    async with model_busy(client, "limited/model") as release:
+        resp = await client.post(
+            "/v1/models/limited/model/predictions", json={"input": {"prompt": "x"}}, headers=AUTH
+        )
+        created = await resp.json()
+        assert created["deadline"] is not None
+        live = client.app[keys.PREDICTIONS].live(created["id"])
+        assert live is not None
+        # The deadline passes while the model is busy: the job is told to stop ...
+        assert await asyncio.to_thread(live.job.cancel_event.wait, 10)
+        release.set()
+        # ... and stops at its first step once the model gets to it.
+        final = await client.app[keys.PREDICTIONS].wait(created["id"], 10)
+    assert final.status is Status.CANCELED
+    assert final.error is not None and "deadline" in final.error
+    assert "deadline" in final.logs

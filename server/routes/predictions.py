@@ -18,6 +18,25 @@ from server.store import CursorInvalid
 
 _PREFER_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d+))?\s*$", re.IGNORECASE)
 _ID = re.compile(r"^[a-z0-9]{1,64}$")
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+MIN_CANCEL_AFTER = 5.0
+
+
+def cancel_after(request: web.Request) -> float | None:
+    """Seconds from `Cancel-After: 30s | 5m | 1h30m | 45`; at least 5, as Replicate's."""
+    raw = request.headers.get("Cancel-After")
+    if raw is None:
+        return None
+    match = _DURATION.match(raw.strip().lower())
+    if not raw.strip() or match is None or not any(match.groups()):
+        raise MalformedRequest(
+            f"Cancel-After must be a duration like 30s, 5m or 1h30m, not {raw!r}."
+        )
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total < MIN_CANCEL_AFTER:
+        raise RequestInvalid(f"Cancel-After must be at least {MIN_CANCEL_AFTER:g} seconds.")
+    return total
 
 
 def prefer_wait(request: web.Request) -> int | None:
@@ -35,7 +54,7 @@ def prefer_wait(request: web.Request) -> int | None:
     return None
 
 
-def _create_request(body: dict[str, Any]) -> CreateRequest:
+def _create_request(body: dict[str, Any], request: web.Request) -> CreateRequest:
     webhook = body.get("webhook")
     events = body.get("webhook_events_filter")
     legacy = body.get("webhook_completed")
@@ -64,6 +83,7 @@ def _create_request(body: dict[str, Any]) -> CreateRequest:
         input=body.get("input", {}),
         webhook=webhook,
         webhook_events_filter=parsed_events,
+        cancel_after=cancel_after(request),
     )
 
 
@@ -94,7 +114,7 @@ async def _create(
     request: web.Request, entry: ModelEntry, version: str, body: dict[str, Any]
 ) -> web.Response:
     service = request.app[keys.PREDICTIONS]
-    prediction = await service.create(entry, version, _create_request(body))
+    prediction = await service.create(entry, version, _create_request(body, request))
     headers: dict[str, str] = {}
     wait = prefer_wait(request)
     if wait is not None:
@@ -139,7 +159,7 @@ async def run(request: web.Request) -> web.Response:
     body = await read_json_object(request)
     entry, version = _resolve(request, body.get("model", body.get("version")), "model")
     service = request.app[keys.PREDICTIONS]
-    prediction = await service.create(entry, version, _create_request(body))
+    prediction = await service.create(entry, version, _create_request(body, request))
     live = service.live(prediction.id)
     if live is not None:
         await live.done.wait()
