@@ -1,0 +1,1 @@
+"""Parts of the ONNX Runtime vision-language backend (models.vision_language)."""
