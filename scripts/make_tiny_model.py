@@ -53,7 +53,7 @@ TINY_HPARAMS = LlamaHParams(
     num_heads_kv=2,
     rms_norm_eps=1e-5,
     rope_theta=10000.0,
-    context_length=512,
+    context_length=4096,
 )
 
 _CORPUS = [

@@ -15,14 +15,22 @@ from aiohttp import web
 
 from models.base import Backend
 from models.catalog import Catalog, ModelEntry, load_catalog
+from models.images import ImageLimits
 from server import keys
 from server.auth import TokenSet, auth_middleware, load_tokens
 from server.config import Config
+from server.cors import CorsPolicy, cors_middleware
 from server.errors import problem_middleware
+from server.files import FILES, FileStore
+from server.inputs import FetchSettings, InputResolver
 from server.predictions import PredictionService
 from server.routes import account, health, models, openapi, predictions, streams
+from server.routes import files as file_routes
+from server.routes import webhooks as webhook_routes
 from server.runner import Runner
 from server.store import PredictionStore
+from server.web import setup as setup_playground
+from server.webhooks import webhooks_ctx
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,10 @@ def backend_factory(entry: ModelEntry) -> Callable[[], Backend]:
                 from models.text_generation import TextGenerationBackend
 
                 return TextGenerationBackend.from_entry(entry)
+            case "onnxruntime":
+                from models.vision_language import VisionLanguageBackend
+
+                return VisionLanguageBackend.from_entry(entry)
             case other:
                 raise BackendUnavailable(f"the {other} backend is not available in this build")
 
@@ -95,6 +107,36 @@ async def _predictions_ctx(app: web.Application) -> AsyncIterator[None]:
     await service.flush()
 
 
+async def _files_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[keys.CONFIG]
+    files = await FileStore.open(
+        config.database_path, config.files_dir, max_bytes=config.max_file_bytes
+    )
+    app[FILES] = files
+    yield
+    await files.close()
+
+
+async def _inputs_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Resolves `format: uri` inputs (fetch, decode) just before each job runs."""
+    config = app[keys.CONFIG]
+    resolver = InputResolver(
+        app[FILES],
+        FetchSettings(
+            timeout=config.fetch_timeout,
+            deny_private=config.fetch_deny_private,
+            limits=ImageLimits(config.max_image_bytes, config.max_image_pixels),
+        ),
+        own_origins=frozenset(
+            u.rstrip("/").lower() for u in (config.public_url, config.listen_url) if u
+        ),
+    )
+    app[keys.PREDICTIONS].input_preparer = resolver.prepare
+    yield
+    app[keys.PREDICTIONS].input_preparer = None
+    await resolver.close()
+
+
 async def _shutdown_ctx(app: web.Application) -> AsyncIterator[None]:
     """Runs last on the way down: whatever the runners left unfinished is failed and stored."""
     yield
@@ -107,14 +149,31 @@ def create_app(config: Config, *, catalog: Catalog | None = None) -> web.Applica
     catalog = catalog or load_catalog(config.catalog_path, data_dir=config.data_dir)
     tokens, _ = load_tokens(config.api_tokens, config.data_dir)
     token_set = TokenSet(tokens)
+    cors = CorsPolicy.from_config(config)
     app = web.Application(
-        middlewares=[problem_middleware, auth_middleware(token_set)],
+        middlewares=[cors_middleware(cors), problem_middleware, auth_middleware(token_set)],
         client_max_size=config.max_body_bytes,
     )
+    app.on_response_prepare.append(cors.add_headers)
     app[keys.CONFIG] = config
     app[keys.CATALOG] = catalog
     app[keys.TOKENS] = token_set
-    app.cleanup_ctx.extend([_store_ctx, _shutdown_ctx, _runners_ctx, _predictions_ctx])
-    for module in (predictions, models, account, health, openapi, streams):
+    # Opened in this order, closed in reverse: on the way down the inputs and files go
+    # first, then webhooks (pending ones stay in the outbox), the prediction service, the
+    # runners, and last the store.
+    app.cleanup_ctx.extend(
+        [
+            _store_ctx,
+            _shutdown_ctx,
+            _runners_ctx,
+            _predictions_ctx,
+            webhooks_ctx,
+            _files_ctx,
+            _inputs_ctx,
+        ]
+    )
+    for module in (predictions, models, account, health, openapi, streams, webhook_routes):
         module.setup_routes(app)
+    file_routes.setup_routes(app)
+    setup_playground(app, tokens)
     return app

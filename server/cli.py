@@ -17,12 +17,18 @@ from server import __version__
 from server.app import create_app
 from server.auth import TOKENS_ENV, load_tokens, tokens_from_env
 from server.config import DEFAULT_HOST, DEFAULT_PORT, Config
+from server.shutdown import drain_on_signals
 
 log = logging.getLogger("replicant")
 
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"REPLICANT_{name}", default)
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    """`a, b` -> ("a", "b"): browser origins from a comma-separated flag or variable."""
+    return tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +154,94 @@ def build_parser() -> argparse.ArgumentParser:
         "metadata addresses are always refused (REPLICANT_WEBHOOK_DENY_PRIVATE=1)",
     )
     serve.add_argument(
+        "--stream-ttl",
+        type=float,
+        default=float(_env("STREAM_TTL", "3600")),
+        help="seconds a prediction's stream URL keeps working after the prediction "
+        "ends; later it answers 410 (REPLICANT_STREAM_TTL)",
+    )
+    serve.add_argument(
+        "--stream-send-timeout",
+        type=float,
+        default=float(_env("STREAM_SEND_TIMEOUT", "30")),
+        help="seconds a write to a stream reader may wait before the reader is "
+        "dropped as stuck (REPLICANT_STREAM_SEND_TIMEOUT)",
+    )
+    serve.add_argument(
+        "--stream-ping-interval",
+        type=float,
+        default=float(_env("STREAM_PING_INTERVAL", "15")),
+        help="seconds between keep-alive comments on idle streams (REPLICANT_STREAM_PING_INTERVAL)",
+    )
+    serve.add_argument(
+        "--cors-stream-origins",
+        type=_origins,
+        default=_env("CORS_STREAM_ORIGINS", "*"),
+        help="comma-separated browser origins that may read stream URLs; * for any "
+        "(never with credentials), empty for none (REPLICANT_CORS_STREAM_ORIGINS)",
+    )
+    serve.add_argument(
+        "--cors-api-origins",
+        type=_origins,
+        default=_env("CORS_API_ORIGINS", ""),
+        help="comma-separated browser origins that may call the API routes, e.g. "
+        "https://app.example.com; empty for none (REPLICANT_CORS_API_ORIGINS)",
+    )
+    serve.add_argument(
+        "--run-sse-cancel-on-disconnect",
+        action="store_true",
+        default=_env("RUN_SSE_CANCEL_ON_DISCONNECT", "") not in ("", "0", "false", "no"),
+        help="cancel a POST /v1/run_sse prediction when its client disconnects before "
+        "the end (REPLICANT_RUN_SSE_CANCEL_ON_DISCONNECT=1)",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=float(_env("SHUTDOWN_GRACE", "30")),
+        help="on SIGTERM or SIGINT, seconds unfinished predictions get to finish before they "
+        "are canceled; new predictions get 503 meanwhile (REPLICANT_SHUTDOWN_GRACE)",
+    )
+    serve.add_argument(
+        "--session-lifetime",
+        type=float,
+        default=float(_env("SESSION_LIFETIME", str(7 * 24 * 3600))),
+        help="seconds a sign-in to the web playground lasts (REPLICANT_SESSION_LIFETIME)",
+    )
+    serve.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=int(_env("MAX_IMAGE_BYTES", str(20 * 1024 * 1024))),
+        help="largest image input in bytes, fetched, uploaded or inline "
+        "(REPLICANT_MAX_IMAGE_BYTES)",
+    )
+    serve.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=int(_env("MAX_IMAGE_PIXELS", "32000000")),
+        help="largest image input in pixels (width x height); larger ones fail before "
+        "decoding (REPLICANT_MAX_IMAGE_PIXELS)",
+    )
+    serve.add_argument(
+        "--max-file-bytes",
+        type=int,
+        default=int(_env("MAX_FILE_BYTES", str(100 * 1024 * 1024))),
+        help="largest upload to /v1/files in bytes; larger ones get 413 (REPLICANT_MAX_FILE_BYTES)",
+    )
+    serve.add_argument(
+        "--fetch-timeout",
+        type=float,
+        default=float(_env("FETCH_TIMEOUT", "30")),
+        help="seconds allowed to fetch one http(s) input, redirects included "
+        "(REPLICANT_FETCH_TIMEOUT)",
+    )
+    serve.add_argument(
+        "--fetch-deny-private",
+        action="store_true",
+        default=_env("FETCH_DENY_PRIVATE", "") not in ("", "0", "false", "no"),
+        help="refuse to fetch inputs from loopback and private addresses too; link-local and "
+        "cloud metadata addresses are always refused (REPLICANT_FETCH_DENY_PRIVATE=1)",
+    )
+    serve.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -170,6 +264,7 @@ def banner(url: str, token_note: str, models: Sequence[str]) -> str:
         f'        -d \'{{"model": "{first}", "input": '
         f'{{"prompt": "What is the capital of France?"}}}}\'',
         f"  Health: {url}/health-check    API description: {url}/openapi.json",
+        f"  Playground: {url}/  (sign in with the API token)",
     ]
     return "\n".join(lines) + "\n"
 
@@ -191,6 +286,7 @@ def serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         queue_size=args.queue_size,
         flush_interval=args.flush_interval,
+        shutdown_grace=args.shutdown_grace,
         webhook_throttle=args.webhook_throttle,
         webhook_timeout=args.webhook_timeout,
         webhook_retry_window=args.webhook_retry_window,
@@ -199,6 +295,18 @@ def serve(args: argparse.Namespace) -> int:
         webhook_host_concurrency=args.webhook_host_concurrency,
         webhook_backlog=args.webhook_backlog,
         webhook_deny_private=args.webhook_deny_private,
+        stream_ttl=args.stream_ttl,
+        stream_send_timeout=args.stream_send_timeout,
+        stream_ping_interval=args.stream_ping_interval,
+        cors_stream_origins=args.cors_stream_origins,
+        cors_api_origins=args.cors_api_origins,
+        run_sse_cancel_on_disconnect=args.run_sse_cancel_on_disconnect,
+        session_lifetime=args.session_lifetime,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        max_file_bytes=args.max_file_bytes,
+        fetch_timeout=args.fetch_timeout,
+        fetch_deny_private=args.fetch_deny_private,
     )
     try:
         catalog = load_catalog(config.catalog_path, data_dir=config.data_dir)
@@ -221,6 +329,7 @@ def serve(args: argparse.Namespace) -> int:
         # run_app calls this once its sockets listen, so the banner never runs ahead of them.
         print(banner(url, token_note, models), flush=True)
 
+    app.on_startup.append(drain_on_signals)
     web.run_app(
         app,
         host=config.host,
@@ -228,6 +337,7 @@ def serve(args: argparse.Namespace) -> int:
         print=announce,
         access_log_format='%a "%r" %s %b %Tfs',
         shutdown_timeout=10,
+        handle_signals=False,  # server.shutdown drains first, then exits through aiohttp
     )
     return 0
 

@@ -377,6 +377,25 @@ class PredictionService:
     def stop_accepting(self) -> None:
         self._accepting = False
 
+    async def drain(self, grace: float) -> None:
+        """Take no new predictions, give unfinished ones `grace` seconds, cancel the rest.
+
+        Canceled predictions end their streams with a final `done` and are stored, so
+        nothing is left half-written for the next start.
+        """
+        self.stop_accepting()
+        unfinished = list(self._live.values())
+        if unfinished:
+            log.info("waiting up to %g s for %d predictions", grace, len(unfinished))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(live.done.wait() for live in unfinished)), grace
+                )
+        reason = "Canceled: the server shut down before this prediction finished."
+        for live in list(self._live.values()):
+            await self.cancel(live.prediction.id, reason=reason)
+        await self.flush()
+
     async def fail_unfinished(self, reason: str) -> None:
         """End every prediction still in memory (shutdown after the runners stopped)."""
         for live in list(self._live.values()):

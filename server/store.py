@@ -51,6 +51,55 @@ MIGRATIONS: Sequence[str] = (
         WHERE status IN ('starting', 'processing');
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: the webhook outbox (server.webhooks.outbox). Times are unix seconds. A `completed`
+    # delivery is one row, retried in place; intermediate events get a row only if they failed.
+    """
+    CREATE TABLE webhook_deliveries (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        prediction_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        url TEXT NOT NULL,
+        body TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        next_attempt_at REAL NOT NULL,
+        retry_until REAL NOT NULL,
+        last_attempt_at REAL,
+        last_status_code INTEGER,
+        last_error TEXT,
+        finished_at REAL
+    );
+    CREATE UNIQUE INDEX webhook_deliveries_completed ON webhook_deliveries (prediction_id)
+        WHERE event = 'completed';
+    CREATE INDEX webhook_deliveries_status ON webhook_deliveries (status, seq);
+    CREATE TABLE webhook_attempts (
+        delivery_id TEXT NOT NULL REFERENCES webhook_deliveries (id),
+        attempt INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        duration REAL NOT NULL,
+        status_code INTEGER,
+        error TEXT,
+        PRIMARY KEY (delivery_id, attempt)
+    );
+    CREATE INDEX predictions_webhook_completed ON predictions (completed_at)
+        WHERE webhook IS NOT NULL;
+    """,
+    # 3: uploaded files (server.files); the bytes are in <data dir>/files/<id>.
+    """
+    CREATE TABLE files (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        md5 TEXT NOT NULL,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL
+    );
+    """,
 )
 
 _COLUMNS = (
@@ -170,17 +219,21 @@ class PredictionStore:
             )
 
     async def insert(self, prediction: Prediction) -> None:
-        await self._db.execute(
+        # Cursors are closed here, on aiosqlite's thread: one left to the garbage collector
+        # resets its statement from the event loop's thread, maybe while the same cached
+        # statement runs for another caller ("bad parameter or other API misuse").
+        async with self._db.execute(
             f"INSERT INTO predictions ({_COLUMNS}) VALUES ({', '.join('?' * 18)})",
             _row(prediction),
-        )
+        ):
+            pass
         await self._db.commit()
 
     async def save(self, predictions: Sequence[Prediction]) -> None:
         """Write the current state of existing predictions in one transaction."""
         if not predictions:
             return
-        await self._db.executemany(
+        async with self._db.executemany(
             "UPDATE predictions SET output = ?, logs = ?, error = ?, status = ?, "
             "started_at = ?, completed_at = ?, metrics = ?, data_removed = ? WHERE id = ?",
             [
@@ -197,7 +250,8 @@ class PredictionStore:
                 )
                 for p in predictions
             ],
-        )
+        ):
+            pass
         await self._db.commit()
 
     async def get(self, prediction_id: str) -> Prediction | None:
@@ -283,18 +337,24 @@ class PredictionStore:
         await self.save(failed)
         return failed
 
-    async def get_setting(self, key: str) -> str | None:
-        async with self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)) as cur:
-            row = await cur.fetchone()
-        return str(row[0]) if row else None
-
-    async def set_setting(self, key: str, value: str) -> None:
-        await self._db.execute(
-            "INSERT INTO settings (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
+    async def append_logs(self, prediction_id: str, text: str) -> None:
+        """Add text to the logs of a stored prediction (one that is no longer running)."""
+        async with self._db.execute(
+            "UPDATE predictions SET logs = logs || ? WHERE id = ?", (text, prediction_id)
+        ):
+            pass
         await self._db.commit()
+
+    async def finished_with_webhook(self, since: datetime) -> list[Prediction]:
+        """Predictions with a webhook that reached a terminal state at or after `since`."""
+        async with self._db.execute(
+            f"SELECT {_COLUMNS} FROM predictions WHERE webhook IS NOT NULL "
+            "AND completed_at >= ? AND status IN ('succeeded', 'failed', 'canceled') "
+            "ORDER BY completed_at",
+            (format_time(since),),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        return [_prediction(row) for row in rows]
 
 
 __all__ = ["CursorInvalid", "Page", "PredictionStore", "utcnow"]

@@ -8,9 +8,11 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from server.auth import TOKEN_FILE
 from tests.conftest import catalog_toml
@@ -109,11 +111,22 @@ async def stop(proc: asyncio.subprocess.Process) -> int:
     return await asyncio.wait_for(proc.wait(), 30)
 
 
+@pytest.fixture
+def processes() -> Iterator[list[asyncio.subprocess.Process]]:
+    """Servers a test started; killed afterwards if the test left them running."""
+    started: list[asyncio.subprocess.Process] = []
+    yield started
+    for proc in started:
+        if proc.returncode is None:
+            proc.kill()
+
+
 async def test_first_start_generates_and_prints_a_token_once(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, processes: list[asyncio.subprocess.Process]
 ) -> None:
     port = free_port()
     proc, banner = await start(tmp_path, tiny_model, port)
+    processes.append(proc)
     token_file = tmp_path / "data" / TOKEN_FILE
     token = token_file.read_text().strip()
     assert token.startswith("r8_") and token in banner
@@ -129,5 +142,6 @@ async def test_first_start_generates_and_prints_a_token_once(
             assert resp.status == 401
     assert await stop(proc) == 0
     proc, banner = await start(tmp_path, tiny_model, port)
+    processes.append(proc)
     assert token not in banner and str(token_file) in banner
     assert await stop(proc) == 0

@@ -89,9 +89,19 @@ async def test_wait_that_runs_out_says_starting(client: Client) -> None:
     assert final.status is Status.SUCCEEDED
 
 
+def started_event(client: Client) -> asyncio.Event:
+    """Set when any prediction starts (the runner took it out of the queue)."""
+    started = asyncio.Event()
+    service = client.app[keys.PREDICTIONS]
+    service.listeners.append(lambda p, event: started.set() if event == "start" else None)
+    return started
+
+
 async def test_cancel_in_every_state(client: Client) -> None:
+    started = started_event(client)
     async with model_busy(client) as release:
         running = await create(client, {"prompt": "x", "max_tokens": 50})
+        await asyncio.wait_for(started.wait(), 10)
         # A seeded request cannot share the batch, so this one waits in the queue.
         queued = await create(client, {"prompt": "x", "max_tokens": 1, "seed": 1})
         assert queued["status"] == "starting"
@@ -196,9 +206,11 @@ async def test_full_queue_answers_429_and_stores_nothing_for_it(
     app = create_app(make_config(tmp_path, tiny_model, queue_size=2))
     client = await aiohttp_client(app)
     await wait_ready(app)
+    started = started_event(client)
     async with model_busy(client):
         # One batch is parked on the model thread; the queue behind it holds two.
         first = await create(client, {"prompt": "x", "max_tokens": 1})
+        await asyncio.wait_for(started.wait(), 10)  # taken out of the queue
         responses = await asyncio.gather(
             *(
                 client.post(
@@ -263,10 +275,14 @@ async def test_prediction_past_its_deadline_is_canceled_and_says_why(
         assert created["deadline"] is not None
         live = client.app[keys.PREDICTIONS].live(created["id"])
         assert live is not None
-        # The deadline passes while the model is busy: the job is told to stop ...
-        assert await asyncio.to_thread(live.job.cancel_event.wait, 10)
+        # The deadline passes while the model is busy: a queued job is canceled at once, a
+        # running one is told to stop and stops at its first step once the model gets to it.
+        told = asyncio.ensure_future(asyncio.to_thread(live.job.cancel_event.wait, 10))
+        ended = asyncio.ensure_future(live.done.wait())
+        await asyncio.wait({told, ended}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        live.job.cancel_event.set()  # lets the waiting thread go either way
         release.set()
-        # ... and stops at its first step once the model gets to it.
+        await asyncio.gather(told, ended)
         final = await client.app[keys.PREDICTIONS].wait(created["id"], 10)
     assert final.status is Status.CANCELED
     assert final.error is not None and "deadline" in final.error

@@ -74,7 +74,7 @@ def test_tiny_model_layout(tiny_dir: Path) -> None:
     assert meta["architecture"] == "llama"
     assert meta["chat_template"] == "chatml"
     assert meta["eos_token"] == "<|im_end|>"
-    assert meta["context_length"] == 512
+    assert meta["context_length"] == 4096
     tok = tokenizers.Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
     vocab = json.loads((tiny_dir / "vocabulary.json").read_text())
     assert vocab == [tok.id_to_token(i) for i in range(tok.get_vocab_size())]

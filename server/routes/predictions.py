@@ -54,7 +54,7 @@ def prefer_wait(request: web.Request) -> int | None:
     return None
 
 
-def _create_request(body: dict[str, Any], request: web.Request) -> CreateRequest:
+def parse_create_request(body: dict[str, Any], request: web.Request) -> CreateRequest:
     webhook = body.get("webhook")
     events = body.get("webhook_events_filter")
     legacy = body.get("webhook_completed")
@@ -99,7 +99,7 @@ def _check_webhook_url(url: Any) -> None:
         raise RequestInvalid("webhook must be an absolute http or https URL.")
 
 
-def _resolve(request: web.Request, ref: Any, field: str) -> tuple[ModelEntry, str]:
+def resolve_model(request: web.Request, ref: Any, field: str) -> tuple[ModelEntry, str]:
     if not isinstance(ref, str) or not ref.strip():
         raise RequestInvalid(
             f"{field} is required: a version id, owner/name or owner/name:version id."
@@ -114,7 +114,7 @@ async def _create(
     request: web.Request, entry: ModelEntry, version: str, body: dict[str, Any]
 ) -> web.Response:
     service = request.app[keys.PREDICTIONS]
-    prediction = await service.create(entry, version, _create_request(body, request))
+    prediction = await service.create(entry, version, parse_create_request(body, request))
     headers: dict[str, str] = {}
     wait = prefer_wait(request)
     if wait is not None:
@@ -141,7 +141,7 @@ def _created(
 
 async def create_prediction(request: web.Request) -> web.Response:
     body = await read_json_object(request)
-    entry, version = _resolve(request, body.get("version"), "version")
+    entry, version = resolve_model(request, body.get("version"), "version")
     return await _create(request, entry, version, body)
 
 
@@ -157,9 +157,9 @@ async def create_model_prediction(request: web.Request) -> web.Response:
 async def run(request: web.Request) -> web.Response:
     """Create a prediction and answer when it has finished."""
     body = await read_json_object(request)
-    entry, version = _resolve(request, body.get("model", body.get("version")), "model")
+    entry, version = resolve_model(request, body.get("model", body.get("version")), "model")
     service = request.app[keys.PREDICTIONS]
-    prediction = await service.create(entry, version, _create_request(body, request))
+    prediction = await service.create(entry, version, parse_create_request(body, request))
     live = service.live(prediction.id)
     if live is not None:
         await live.done.wait()
