@@ -16,13 +16,14 @@ from aiohttp import web
 from models.base import Backend
 from models.catalog import Catalog, ModelEntry, load_catalog
 from models.images import ImageLimits
-from server import keys
+from server import keys, metrics
 from server.auth import TokenSet, auth_middleware, load_tokens
 from server.config import Config
 from server.cors import CorsPolicy, cors_middleware
 from server.errors import problem_middleware
 from server.files import FILES, FileStore
 from server.inputs import FetchSettings, InputResolver
+from server.metrics import metrics_ctx, request_metrics
 from server.predictions import PredictionService
 from server.routes import account, health, models, openapi, predictions, streams
 from server.routes import files as file_routes
@@ -151,7 +152,12 @@ def create_app(config: Config, *, catalog: Catalog | None = None) -> web.Applica
     token_set = TokenSet(tokens)
     cors = CorsPolicy.from_config(config)
     app = web.Application(
-        middlewares=[cors_middleware(cors), problem_middleware, auth_middleware(token_set)],
+        middlewares=[
+            request_metrics,
+            cors_middleware(cors),
+            problem_middleware,
+            auth_middleware(token_set),
+        ],
         client_max_size=config.max_body_bytes,
     )
     app.on_response_prepare.append(cors.add_headers)
@@ -168,6 +174,7 @@ def create_app(config: Config, *, catalog: Catalog | None = None) -> web.Applica
             _runners_ctx,
             _predictions_ctx,
             webhooks_ctx,
+            metrics_ctx,
             _files_ctx,
             _inputs_ctx,
         ]
@@ -175,5 +182,6 @@ def create_app(config: Config, *, catalog: Catalog | None = None) -> web.Applica
     for module in (predictions, models, account, health, openapi, streams, webhook_routes):
         module.setup_routes(app)
     file_routes.setup_routes(app)
+    metrics.setup_routes(app)
     setup_playground(app, tokens)
     return app

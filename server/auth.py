@@ -77,7 +77,8 @@ def auth_middleware(tokens: TokenSet) -> Callable[..., Awaitable[web.StreamRespo
     async def middleware(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.method == "OPTIONS" or not request.path.startswith("/v1/"):
+        protected = request.path.startswith("/v1/") or request.path == "/metrics"
+        if request.method == "OPTIONS" or not protected:
             return await handler(request)
         if request.path.startswith(PUBLIC_PREFIXES):
             return await handler(request)

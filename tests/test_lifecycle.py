@@ -287,3 +287,24 @@ async def test_prediction_past_its_deadline_is_canceled_and_says_why(
     assert final.status is Status.CANCELED
     assert final.error is not None and "deadline" in final.error
     assert "deadline" in final.logs
+
+
+async def test_metrics_count_predictions_tokens_and_requests(client: Client) -> None:
+    assert (await client.get("/metrics")).status == 401
+    await create(client, {"prompt": "x", "max_tokens": 3, "temperature": 0}, Prefer="wait=10")
+    resp = await client.get("/metrics", headers=AUTH)
+    assert resp.status == 200 and resp.content_type == "text/plain"
+    text = await resp.text()
+    model = f'model="{SMOL}"'
+    assert f'replicant_predictions_total{{{model},status="succeeded"}} 1.0' in text
+    assert f"replicant_predictions_submitted_total{{{model}}} 1.0" in text
+    assert f"replicant_queue_depth{{{model}}} 0.0" in text
+    assert f"replicant_model_ready{{{model}}} 1.0" in text
+    tokens = next(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(f"replicant_tokens_generated_total{{{model}}}")
+    )
+    assert 1 <= tokens <= 3
+    assert f"replicant_predict_seconds_count{{{model}}} 1.0" in text
+    assert 'route="/v1/models/{owner}/{name}/predictions"' in text
