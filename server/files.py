@@ -22,7 +22,7 @@ import os
 import re
 import secrets
 import unicodedata
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -232,7 +232,7 @@ class FileStore:
         final = self.root / stored.id
         try:
             await asyncio.to_thread(os.replace, upload.temp, final)
-            await self._db.execute(
+            await self._db.execute_insert(
                 f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     stored.id,
@@ -256,18 +256,20 @@ class FileStore:
     async def get(self, file_id: str) -> StoredFile | None:
         if not valid_id(file_id):
             return None
-        async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM files WHERE id = ?", (file_id,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = _first(
+            await self._db.execute_fetchall(
+                f"SELECT {_COLUMNS} FROM files WHERE id = ?", (file_id,)
+            )
+        )
         return _row(row) if row else None
 
     async def delete(self, file_id: str) -> bool:
         if not valid_id(file_id):
             return False
-        cursor = await self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+        async with self._db.execute("DELETE FROM files WHERE id = ?", (file_id,)) as cursor:
+            deleted = cursor.rowcount
         await self._db.commit()
-        if cursor.rowcount == 0:
+        if deleted == 0:
             return False
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(self.path(file_id).unlink)
@@ -292,15 +294,27 @@ class FileStore:
         if cursor is not None:
             clause = "WHERE seq < ?"
             params.append(_decode_cursor(cursor))
-        async with self._db.execute(
-            f"SELECT seq, {_COLUMNS} FROM files {clause} ORDER BY seq DESC LIMIT ?",
-            (*params, limit + 1),
-        ) as cur:
-            rows = list(await cur.fetchall())
+        rows = list(
+            await self._db.execute_fetchall(
+                f"SELECT seq, {_COLUMNS} FROM files {clause} ORDER BY seq DESC LIMIT ?",
+                (*params, limit + 1),
+            )
+        )
         more = len(rows) > limit
         rows = rows[:limit]
         next_cursor = _encode_cursor(int(rows[-1][0])) if more and rows else None
         return FilePage([_row(r[1:]) for r in rows], next_cursor)
+
+
+def _first(rows: Iterable[Any]) -> Any:
+    """The first row of an `execute_fetchall`, or None.
+
+    Reads go through `execute_fetchall`, which runs the whole query in one step on
+    aiosqlite's thread: a cursor fetched across awaits keeps a read snapshot open, and a
+    write that another coroutine sends on the same connection meanwhile fails at once with
+    "database is locked" if another connection committed since the snapshot was taken.
+    """
+    return next(iter(rows), None)
 
 
 def _encode_cursor(seq: int) -> str:
@@ -311,7 +325,7 @@ def _decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         kind, _, seq = raw.partition(":")
-        if kind != "f":
+        if kind != "f" or not 0 <= int(seq) < 2**63:
             raise ValueError(kind)
         return int(seq)
     except (ValueError, UnicodeDecodeError) as exc:

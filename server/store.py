@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,17 @@ class CursorInvalid(ValueError):
     pass
 
 
+def _first(rows: Iterable[Any]) -> Any:
+    """The first row of an `execute_fetchall`, or None.
+
+    Reads go through `execute_fetchall`, which runs the whole query in one step on
+    aiosqlite's thread: a cursor fetched across awaits keeps a read snapshot open, and a
+    write that another coroutine sends on the same connection meanwhile fails at once with
+    "database is locked" if another connection committed since the snapshot was taken.
+    """
+    return next(iter(rows), None)
+
+
 def _encode_cursor(direction: str, seq: int) -> str:
     return base64.urlsafe_b64encode(f"{direction}:{seq}".encode()).decode().rstrip("=")
 
@@ -128,7 +139,7 @@ def _decode_cursor(cursor: str) -> tuple[str, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         direction, _, seq = raw.partition(":")
-        if direction not in ("n", "p"):
+        if direction not in ("n", "p") or not 0 <= int(seq) < 2**63:
             raise ValueError(direction)
         return direction, int(seq)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
@@ -204,8 +215,7 @@ class PredictionStore:
         await self._db.close()
 
     async def _migrate(self) -> None:
-        async with self._db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
+        row = _first(await self._db.execute_fetchall("PRAGMA user_version"))
         current = int(row[0]) if row else 0
         if current > len(MIGRATIONS):
             raise RuntimeError(
@@ -255,17 +265,19 @@ class PredictionStore:
         await self._db.commit()
 
     async def get(self, prediction_id: str) -> Prediction | None:
-        async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM predictions WHERE id = ?", (prediction_id,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = _first(
+            await self._db.execute_fetchall(
+                f"SELECT {_COLUMNS} FROM predictions WHERE id = ?", (prediction_id,)
+            )
+        )
         return _prediction(row) if row else None
 
     async def get_by_stream_token(self, token: str) -> Prediction | None:
-        async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM predictions WHERE stream_token = ?", (token,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = _first(
+            await self._db.execute_fetchall(
+                f"SELECT {_COLUMNS} FROM predictions WHERE stream_token = ?", (token,)
+            )
+        )
         return _prediction(row) if row else None
 
     async def page(
@@ -293,11 +305,12 @@ class PredictionStore:
             params.append(seq)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         order = "ASC" if backwards else "DESC"
-        async with self._db.execute(
-            f"SELECT seq, {_COLUMNS} FROM predictions {clause} ORDER BY seq {order} LIMIT ?",
-            (*params, limit + 1),
-        ) as cur:
-            rows = list(await cur.fetchall())
+        rows = list(
+            await self._db.execute_fetchall(
+                f"SELECT seq, {_COLUMNS} FROM predictions {clause} ORDER BY seq {order} LIMIT ?",
+                (*params, limit + 1),
+            )
+        )
         more = len(rows) > limit
         rows = rows[:limit]
         if backwards:
@@ -315,18 +328,20 @@ class PredictionStore:
         )
 
     async def count_for_model(self, model: str) -> int:
-        async with self._db.execute(
-            "SELECT COUNT(*) FROM predictions WHERE model = ?", (model,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = _first(
+            await self._db.execute_fetchall(
+                "SELECT COUNT(*) FROM predictions WHERE model = ?", (model,)
+            )
+        )
         return int(row[0]) if row else 0
 
     async def fail_unfinished(self, error: str) -> list[Prediction]:
         """Mark predictions a previous process left running as failed (crash recovery)."""
-        async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM predictions WHERE status IN ('starting', 'processing')"
-        ) as cur:
-            rows = list(await cur.fetchall())
+        rows = list(
+            await self._db.execute_fetchall(
+                f"SELECT {_COLUMNS} FROM predictions WHERE status IN ('starting', 'processing')"
+            )
+        )
         failed = []
         for row in rows:
             prediction = _prediction(row)
@@ -347,13 +362,12 @@ class PredictionStore:
 
     async def finished_with_webhook(self, since: datetime) -> list[Prediction]:
         """Predictions with a webhook that reached a terminal state at or after `since`."""
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(
             f"SELECT {_COLUMNS} FROM predictions WHERE webhook IS NOT NULL "
             "AND completed_at >= ? AND status IN ('succeeded', 'failed', 'canceled') "
             "ORDER BY completed_at",
             (format_time(since),),
-        ) as cur:
-            rows = list(await cur.fetchall())
+        )
         return [_prediction(row) for row in rows]
 
 

@@ -244,19 +244,19 @@ class WebhookOutbox:
         found: dict[str, Delivery] = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            async with self._db.execute(
+            rows = await self._db.execute_fetchall(
                 f"SELECT {_COLUMNS} FROM webhook_deliveries "
                 f"WHERE id IN ({', '.join('?' * len(chunk))})",
                 chunk,
-            ) as cur:
-                found.update((row[1], _delivery(row)) for row in await cur.fetchall())
+            )
+            found.update((row[1], _delivery(row)) for row in rows)
         return found
 
     # -- reads ------------------------------------------------------------------------------
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[aiosqlite.Row]:
-        async with self._lock, self._db.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        async with self._lock:
+            return list(await self._db.execute_fetchall(sql, params))
 
     async def with_completed(self, prediction_ids: Sequence[str]) -> set[str]:
         """Which of these predictions have a `completed` row already."""
