@@ -213,7 +213,9 @@ class Runner:
 
     def _take_batch(self) -> list[QueuedJob]:
         """The oldest ready job and, up to the batch size, later ready ones with its key."""
-        head = next(q for q in self._queue if q.ready)
+        head = next((q for q in self._queue if q.ready), None)
+        if head is None:  # the ready ones left (canceled) while the batch was gathering
+            return []
         assert self.backend is not None
         batch = [head]
         limit = self.backend.max_batch_size if head.batch_key is not None else 1
