@@ -271,12 +271,16 @@ class TextGenerationBackend(Backend):
     # -- inputs -----------------------------------------------------------------------------
 
     def request(self, values: Mapping[str, Any], provided: frozenset[str]) -> GenerationRequest:
-        return parse_request(
+        request = parse_request(
             values,
             provided,
             default_max_tokens=self._default_max_tokens,
             model_chat_template=self.settings.chat_template or None,
         )
+        if request.top_k >= self.tokenizer.get_vocab_size():
+            # Keeping every token is no cut at all (CTranslate2 refuses k above the vocabulary).
+            request = attrs.evolve(request, top_k=0)
+        return request
 
     def check_input(self, values: Mapping[str, Any], provided: frozenset[str]) -> None:
         request = self.request(values, provided)

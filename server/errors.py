@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,14 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             413,
             PayloadTooLarge.title,
             f"The request body is larger than the limit of {request.client_max_size} bytes.",
+        )
+    except HttpProcessingError as exc:
+        # aiohttp's parsers failing on a body read inside a handler (a malformed multipart
+        # part header, say): the client's fault, told as such.
+        return problem_response(
+            400,
+            MalformedRequest.title,
+            f"The request body cannot be parsed: {str(exc.message)[:200]}",
         )
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -26,12 +26,18 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedRequest(f"The request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise MalformedRequest("The request body must be a JSON object.")
     return body
+
+
+def _not_json(constant: str) -> Any:
+    # Python's json reads NaN and Infinity, which are not JSON: stored in an input, they would
+    # be echoed into answers that strict parsers (JavaScript's JSON.parse) reject.
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def json_response(

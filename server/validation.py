@@ -8,7 +8,8 @@ backend always receives a complete input.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -43,8 +44,15 @@ class InputValidator:
             raise InputInvalid(
                 [{"field": "input", "message": f"must be an object, not {_json_type(raw)}"}]
             )
-        errors = [_describe(e) for e in self._validator.iter_errors(raw)]
+        # JSON has no NaN or Infinity, but Python's json (and the form parser) make them, and
+        # JSON Schema bounds let NaN through (every comparison with it is false).
+        errors = [
+            {"field": field, "message": "must be a finite number"} for field in _non_finite(raw)
+        ]
+        errors += [d for e in self._validator.iter_errors(raw) for d in _describe(e)]
         if errors:
+            # One `required` error per missing field, each describing them all: keep one each.
+            errors = list({(e["field"], e["message"]): e for e in errors}.values())
             errors.sort(key=lambda e: (self._order(e["field"]), e["field"]))
             raise InputInvalid(errors)
         values: dict[str, Any] = {}
@@ -66,6 +74,19 @@ class InputValidator:
         return order if isinstance(order, int) else 10_000
 
 
+def _non_finite(value: Any, path: tuple[str, ...] = ()) -> Iterator[str]:
+    """The dotted paths of NaN and infinite numbers anywhere in `value`."""
+    match value:
+        case float() if not math.isfinite(value):
+            yield ".".join(path) if path else "input"
+        case dict():
+            for key, item in value.items():
+                yield from _non_finite(item, (*path, str(key)))
+        case list():
+            for index, item in enumerate(value):
+                yield from _non_finite(item, (*path, str(index)))
+
+
 def _json_type(value: Any) -> str:
     match value:
         case None:
@@ -82,13 +103,14 @@ def _json_type(value: Any) -> str:
             return "an object"
 
 
-def _describe(error: ValidationError) -> dict[str, str]:
+def _describe(error: ValidationError) -> list[dict[str, str]]:
     path = [str(p) for p in error.absolute_path]
     if error.validator == "required" and isinstance(error.instance, dict):
         required: list[Any] = list(error.validator_value)  # type: ignore[arg-type]
         missing = [n for n in required if isinstance(n, str) and n not in error.instance]
-        field = ".".join([*path, missing[0]]) if missing else ".".join(path) or "input"
-        return {"field": field, "message": "is required"}
+        # Name every missing field, not just the first (minigpt-4 requires prompt and image).
+        fields = [".".join([*path, n]) for n in missing] or [".".join(path) or "input"]
+        return [{"field": field, "message": "is required"} for field in fields]
     field = ".".join(path) or "input"
     match error.validator:
         case "type":
@@ -110,7 +132,7 @@ def _describe(error: ValidationError) -> dict[str, str]:
             message = f"must be at most {error.validator_value} characters long"
         case _:
             message = error.message
-    return {"field": field, "message": message}
+    return [{"field": field, "message": message}]
 
 
 def _article(expected: Any) -> str:
