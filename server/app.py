@@ -94,7 +94,10 @@ async def _runners_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _predictions_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[keys.CONFIG]
     service = PredictionService(
-        app[keys.STORE], app[keys.RUNNERS], flush_interval=config.flush_interval
+        app[keys.STORE],
+        app[keys.RUNNERS],
+        flush_interval=config.flush_interval,
+        max_input_chars=config.max_input_chars,
     )
     app[keys.PREDICTIONS] = service
     flusher = asyncio.create_task(service.flush_forever(), name="flush")

@@ -87,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest request body accepted; larger ones get 413 (REPLICANT_MAX_BODY_BYTES)",
     )
     serve.add_argument(
+        "--max-input-chars",
+        type=int,
+        default=int(_env("MAX_INPUT_CHARS", "1000000")),
+        help="longest string accepted in a prediction's input, in characters; longer ones "
+        "get 422 (image inputs are bounded by the image limits instead) "
+        "(REPLICANT_MAX_INPUT_CHARS)",
+    )
+    serve.add_argument(
+        "--max-streams-per-token",
+        type=int,
+        default=int(_env("MAX_STREAMS_PER_TOKEN", "100")),
+        help="streams open at once per stream URL, and per API token on /v1/run_sse; one "
+        "more gets 429 (REPLICANT_MAX_STREAMS_PER_TOKEN)",
+    )
+    serve.add_argument(
         "--queue-size",
         type=int,
         default=int(_env("QUEUE_SIZE", "256")),
@@ -284,6 +299,8 @@ def serve(args: argparse.Namespace) -> int:
         api_tokens=configured,
         public_url=args.public_url,
         max_body_bytes=args.max_body_bytes,
+        max_input_chars=args.max_input_chars,
+        max_streams_per_token=args.max_streams_per_token,
         queue_size=args.queue_size,
         flush_interval=args.flush_interval,
         shutdown_grace=args.shutdown_grace,

@@ -30,6 +30,9 @@ class Config:
     public_url: str | None = None
     #: Largest request body accepted, in bytes (413 beyond it).
     max_body_bytes: int = 10 * 1024 * 1024
+    #: Longest string accepted anywhere in a prediction's input, in characters (422 beyond
+    #: it); `format: uri` inputs (images as data: URIs) are bounded by the image limits.
+    max_input_chars: int = 1_000_000
     #: How often live output and logs of running predictions are written to SQLite, in seconds.
     flush_interval: float = 0.5
     #: Longest `Prefer: wait=N` honoured, in seconds (larger values are clamped).
@@ -41,6 +44,9 @@ class Config:
     #: On SIGTERM/SIGINT, seconds unfinished predictions get to finish before they are
     #: canceled; new predictions get 503 meanwhile.
     shutdown_grace: float = 30.0
+    #: Streams open at once per credential: per stream URL (its capability token) and, for
+    #: `/v1/run_sse`, per API token; one more gets 429.
+    max_streams_per_token: int = 100
     #: Seconds a stream URL keeps answering after its prediction ended (then 410).
     stream_ttl: float = 3600.0
     #: Seconds a write to a stream reader may wait before the reader is dropped as stuck.

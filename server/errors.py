@@ -99,6 +99,11 @@ class QueueFull(ApiError):
     title = "Too many requests"
 
 
+class TooManyStreams(ApiError):
+    status = 429
+    title = "Too many streams"
+
+
 class Unavailable(ApiError):
     status = 503
     title = "Service unavailable"

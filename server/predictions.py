@@ -89,6 +89,7 @@ class PredictionService:
         runners: Mapping[str, Runner],
         *,
         flush_interval: float,
+        max_input_chars: int = 1_000_000,
     ) -> None:
         self.store = store
         self.runners = runners
@@ -99,6 +100,7 @@ class PredictionService:
         #: Event logs of recently finished predictions, for late stream readers.
         self._recent: dict[str, EventLog] = {}
         self._flush_interval = flush_interval
+        self._max_input_chars = max_input_chars
         self._accepting = True
         #: Background tasks (finishing, deadline cancels), kept so they are not collected.
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -108,7 +110,9 @@ class PredictionService:
     def validator(self, entry: ModelEntry) -> InputValidator:
         validator = self._validators.get(entry.ref)
         if validator is None:
-            validator = self._validators[entry.ref] = InputValidator(entry.schema)
+            validator = self._validators[entry.ref] = InputValidator(
+                entry.schema, max_string_chars=self._max_input_chars
+            )
         return validator
 
     async def create(self, entry: ModelEntry, version: str, request: CreateRequest) -> Prediction:

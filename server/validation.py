@@ -33,11 +33,19 @@ class ValidatedInput:
 class InputValidator:
     """A compiled validator for one model schema."""
 
-    def __init__(self, schema: ModelSchema) -> None:
+    def __init__(self, schema: ModelSchema, *, max_string_chars: int = 1_000_000) -> None:
         self._schema = schema.input
+        self._max_chars = max_string_chars
         jsonschema.Draft7Validator.check_schema(self._schema)
         self._validator = jsonschema.Draft7Validator(self._schema)
         self._properties: Mapping[str, Any] = self._schema.get("properties", {})
+        #: Inputs that take a URI (an image may come as a data: URI): the image limits bound
+        #: these, not the string length limit.
+        self._uri_fields = frozenset(
+            name
+            for name, prop in self._properties.items()
+            if isinstance(prop, dict) and prop.get("format") == "uri"
+        )
 
     def validate(self, raw: Any) -> ValidatedInput:
         if not isinstance(raw, dict):
@@ -48,6 +56,10 @@ class InputValidator:
         # JSON Schema bounds let NaN through (every comparison with it is false).
         errors = [
             {"field": field, "message": "must be a finite number"} for field in _non_finite(raw)
+        ]
+        errors += [
+            {"field": field, "message": f"is longer than {self._max_chars} characters ({n})"}
+            for field, n in _long_strings(raw, self._max_chars, self._uri_fields)
         ]
         errors += [d for e in self._validator.iter_errors(raw) for d in _describe(e)]
         if errors:
@@ -85,6 +97,23 @@ def _non_finite(value: Any, path: tuple[str, ...] = ()) -> Iterator[str]:
         case list():
             for index, item in enumerate(value):
                 yield from _non_finite(item, (*path, str(index)))
+
+
+def _long_strings(
+    value: Any, limit: int, exempt: frozenset[str], path: tuple[str, ...] = ()
+) -> Iterator[tuple[str, int]]:
+    """(dotted path, length) of every string longer than `limit` in `value`."""
+    match value:
+        case str() if len(value) > limit:
+            yield (".".join(path) if path else "input"), len(value)
+        case dict():
+            for key, item in value.items():
+                if not path and key in exempt:
+                    continue
+                yield from _long_strings(item, limit, exempt, (*path, str(key)))
+        case list():
+            for index, item in enumerate(value):
+                yield from _long_strings(item, limit, exempt, (*path, str(index)))
 
 
 def _json_type(value: Any) -> str:

@@ -8,7 +8,7 @@ import re
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import AUTH
+from tests.conftest import AUTH, AppStarter
 
 Client = TestClient[web.Request, web.Application]
 
@@ -131,6 +131,25 @@ async def test_schema_violations_name_every_field(client: Client) -> None:
     assert fields == {"prompt", "temperature", "top_p", "max_tokens", "top_k"}
     assert "prompt: is required" in str(body["detail"])
     assert "temperature: must be at most 5" in str(body["detail"])
+
+
+async def test_input_strings_longer_than_the_limit_are_422(start_app: AppStarter) -> None:
+    client = await start_app(max_input_chars=100)
+    url = "/v1/models/meta/meta-llama-3-8b-instruct/predictions"
+    long_prompt = "x" * 101
+    resp = await client.post(
+        url,
+        json={"input": {"prompt": long_prompt, "system_prompt": "y" * 500}},
+        headers=AUTH,
+    )
+    body = await _problem(resp, 422)
+    assert {e["field"] for e in body["invalid_fields"]} == {"prompt", "system_prompt"}  # type: ignore[attr-defined]
+    assert "prompt: is longer than 100 characters (101)" in str(body["detail"])
+    assert long_prompt not in str(body)  # the input is named, not echoed
+    resp = await client.post(
+        url, json={"input": {"prompt": "x" * 100, "max_tokens": 1}}, headers=AUTH
+    )
+    assert resp.status == 201, await resp.text()
 
 
 async def test_input_must_be_an_object(client: Client) -> None:

@@ -436,3 +436,55 @@ async def test_shutdown_ends_open_streams_at_once(
             await server.stop()
             rest = [e async for e in events]
     assert all(e.event != "output" for e in rest)
+
+
+async def test_streams_per_token_are_limited_with_429(
+    live_server: LiveStarter, scripts: Scripts, http: aiohttp.ClientSession
+) -> None:
+    server = await live_server(max_streams_per_token=2, stream_ping_interval=600)
+    scripts["idle"] = Script(["a", "b"], allowed=1)
+    created = await create(http, server, "idle")
+    url = created["urls"]["stream"]
+    hub = server.app[STREAM_HUB]
+    async with asyncio.timeout(30):
+        first = await http.get(url)
+        second = await http.get(url)
+        try:
+            for resp in (first, second):
+                assert (await anext(read_events(resp))).data == "a"
+            async with http.get(url) as third:
+                assert third.status == 429
+                assert third.content_type == "application/problem+json"
+                assert third.headers["Retry-After"] == "1"
+                assert "2 streams" in (await third.json())["detail"]
+            # run_sse counts per API token: it has its own two slots, and the third is
+            # refused before any prediction is created.
+            before = len(
+                (await (await http.get(f"{server.url}/v1/predictions", headers=AUTH)).json())[
+                    "results"
+                ]
+            )
+            held = [
+                await _run_sse(http, server, {"model": SMOL, "input": {"prompt": "idle"}})
+                for _ in range(2)
+            ]
+            refused = await _run_sse(http, server, {"model": SMOL, "input": {"prompt": "idle"}})
+            assert [r.status for r in held] == [200, 200] and refused.status == 429
+            refused.release()
+            listing = await (await http.get(f"{server.url}/v1/predictions", headers=AUTH)).json()
+            assert len(listing["results"]) == before + 2
+            for resp in held:
+                resp.close()
+        finally:
+            first.close()
+        # A slot freed by a closed stream can be used again (bounded wait for the server to
+        # notice the close).
+        for _ in range(1000):
+            if len(hub) <= 1:
+                break
+            await asyncio.sleep(0.01)
+        assert len(hub) == 1
+        async with http.get(url) as again:
+            assert again.status == 200
+            assert (await anext(read_events(again))).data == "a"
+        second.close()

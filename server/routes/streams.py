@@ -18,6 +18,7 @@ through TCP_USER_TIMEOUT), and a client that disconnects is noticed at once
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,7 +30,8 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from server import keys
-from server.errors import ApiError, NotFound
+from server.auth import bearer_token
+from server.errors import ApiError, NotFound, TooManyStreams
 from server.events import (
     PYTHON_CLIENT_LINE_BREAKS,
     SSE_LINE_BREAKS,
@@ -108,8 +110,11 @@ class Reader:
 class StreamHub:
     """The open streams: how many there are, and a way to end them all at shutdown."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, per_token: int) -> None:
         self._readers: set[Reader] = set()
+        #: Open streams per credential (see `reading`).
+        self._per_token: collections.Counter[str] = collections.Counter()
+        self._limit = per_token
         self._empty = asyncio.Event()
         self._empty.set()
         self.closing = False
@@ -121,17 +126,34 @@ class StreamHub:
         """Until no stream is open (every reader has finished or been dropped)."""
         await self._empty.wait()
 
+    def check(self, credential: str) -> None:
+        """TooManyStreams (429) if `credential` may open no more streams now."""
+        if self._per_token[credential] >= self._limit:
+            raise TooManyStreams(
+                f"{self._limit} streams are already open with this token; close one first.",
+                headers={"Retry-After": "1"},
+            )
+
     @contextlib.contextmanager
-    def reading(self, request: web.Request) -> Iterator[Reader]:
+    def reading(self, request: web.Request, credential: str) -> Iterator[Reader]:
+        """Count a reader in; TooManyStreams if `credential` has the most streams open.
+
+        `credential` is what opened the stream: the stream URL's token or an API token.
+        """
+        self.check(credential)
         task = asyncio.current_task()
         assert task is not None
         reader = Reader(task)
         watch = _DisconnectWatch.install(request, reader)
         self._readers.add(reader)
+        self._per_token[credential] += 1
         self._empty.clear()
         try:
             yield reader
         finally:
+            self._per_token[credential] -= 1
+            if self._per_token[credential] <= 0:
+                del self._per_token[credential]
             self._readers.discard(reader)
             if not self._readers:
                 self._empty.set()
@@ -206,6 +228,7 @@ async def _send_stream(
     log: EventLog | None,
     start: int,
     *,
+    credential: str,
     headers: Mapping[str, str] | None = None,
 ) -> tuple[web.StreamResponse, bool]:
     """Answer with `backlog`, then `log`'s events from index `start` until `done`.
@@ -222,7 +245,7 @@ async def _send_stream(
         headers=headers,
     )
     finished = False
-    with request.app[STREAM_HUB].reading(request) as reader:
+    with request.app[STREAM_HUB].reading(request, credential) as reader:
         try:
             await response.prepare(request)
             async with response:  # stops the keep-alive pings however this ends
@@ -274,11 +297,13 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         return web.Response(status=204)
     if log is None:
         events = replay(prediction)
-        response, _ = await _send_stream(request, resume_after(events, last_event_id), None, 0)
+        response, _ = await _send_stream(
+            request, resume_after(events, last_event_id), None, 0, credential=token
+        )
         return response
     snapshot = list(log.events)
     backlog = resume_after(snapshot, last_event_id)
-    response, _ = await _send_stream(request, backlog, log, len(snapshot))
+    response, _ = await _send_stream(request, backlog, log, len(snapshot), credential=token)
     return response
 
 
@@ -286,12 +311,19 @@ async def run_sse(request: web.Request) -> web.StreamResponse:
     """Create a prediction and answer with its event stream (`event: done` ends it)."""
     body = await read_json_object(request)
     entry, version = resolve_model(request, body.get("model", body.get("version")), "model")
+    credential = f"api:{bearer_token(request)}"
+    request.app[STREAM_HUB].check(credential)  # before anything is created
     service = request.app[keys.PREDICTIONS]
     prediction = await service.create(entry, version, parse_create_request(body, request))
     log = service.event_log(prediction.id)
     backlog = [] if log is not None else replay(await service.get(prediction.id) or prediction)
     response, finished = await _send_stream(
-        request, backlog, log, 0, headers={"X-Prediction-Id": prediction.id}
+        request,
+        backlog,
+        log,
+        0,
+        credential=credential,
+        headers={"X-Prediction-Id": prediction.id},
     )
     config = request.app[keys.CONFIG]
     if not finished and config.run_sse_cancel_on_disconnect and not request.app[STREAM_HUB].closing:
@@ -300,7 +332,7 @@ async def run_sse(request: web.Request) -> web.StreamResponse:
 
 
 def setup_routes(app: web.Application) -> None:
-    hub = StreamHub()
+    hub = StreamHub(per_token=app[keys.CONFIG].max_streams_per_token)
     app[STREAM_HUB] = hub
     app.on_shutdown.append(hub.close)
     app.router.add_get("/v1/streams/{token}", get_stream, allow_head=False)
