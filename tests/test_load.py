@@ -65,6 +65,7 @@ async def test_burst_beyond_the_queue(live_server: LiveStarter) -> None:
             *(client(server.url, seed, tickets, created, statuses) for seed in range(CLIENTS))
         )
 
+    print(f"burst: {REQUESTS} requests from {CLIENTS} clients: {dict(sorted(statuses.items()))}")
     assert statuses.total() == REQUESTS
     assert set(statuses) <= ALLOWED, statuses
     # The queue did overflow, and did not refuse everything.
