@@ -130,9 +130,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def process(args: list[str], url: str, *, cwd: Path, env: dict[str, str]) -> Iterator[None]:
+def process(
+    args: list[str], url: str, *, cwd: Path, env: dict[str, str], logs: Path
+) -> Iterator[None]:
     """Start a server process and wait (at most 120 s) until `url` answers."""
-    log = (cwd / f"server-{free_port()}.log").open("wb")
+    log = (logs / f"server-{free_port()}.log").open("wb")
     proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 120
@@ -279,7 +281,7 @@ def bench(args: argparse.Namespace) -> list[Result]:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         bare = [py, __file__, "--serve-bare", str(port), "--bare-db", str(tmp / "bare.sqlite3")]
-        with process(bare, f"{base}/row/row1", cwd=tmp, env={}):
+        with process(bare, f"{base}/row/row1", cwd=tmp, env={}, logs=tmp):
             results.append(
                 measure(
                     "bare GET (pk lookup)",
@@ -311,7 +313,7 @@ def bench(args: argparse.Namespace) -> list[Result]:
         auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
         create = json.dumps({"version": MODEL, "input": {"prompt": "hi", "max_tokens": 1}})
         serve = [py, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port), *flags]
-        with process(serve, f"{base}/health-check", cwd=ROOT, env=env):
+        with process(serve, f"{base}/health-check", cwd=ROOT, env=env, logs=tmp):
             pid = asyncio.run(_create_one(base, auth, create))
             results.append(
                 measure(
@@ -359,6 +361,7 @@ def bench(args: argparse.Namespace) -> list[Result]:
             f"{base}/health-check",
             cwd=cog_dir,
             env={"PORT": str(port), "COG_LOG_LEVEL": "WARNING"},
+            logs=tmp,
         ):
             body = json.dumps({"input": {"prompt": "hi", "max_tokens": 1}})
             for conns in (1, 8):

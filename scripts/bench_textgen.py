@@ -3,7 +3,9 @@
 
 Same model, same prompts, same settings (greedy, max_tokens), done
 (a) with raw CTranslate2 in this process, and
-(b) through a real `replicant serve` subprocess over HTTP, streaming with SSE:
+(b) through a real `replicant serve` subprocess over HTTP, streaming with SSE,
+taking turns (raw, then server, prompt by prompt) so that drift in the machine's speed
+during the run hits both alike:
 
 * single stream: tokens/s and time to first token (median over the prompts);
 * N concurrent streams: total tokens/s, against raw `generate_batch` at batch N;
@@ -40,6 +42,9 @@ import tokenizers  # noqa: E402
 from models.prompts import CHAT_TEMPLATES, render  # noqa: E402
 
 MODEL = "huggingfacetb/smollm2-135m-instruct"
+#: Pause between a raw run and a server run: the engine's worker threads may spin for a
+#: while after a call, and would steal the other side's cores.
+SETTLE = 0.5
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -140,28 +145,48 @@ async def stream_one(
     }
 
 
-async def server_runs(base: str, token: str, args: argparse.Namespace) -> dict[str, Any]:
+async def interleaved_runs(
+    base: str, token: str, generator: Any, tokenizer: tokenizers.Tokenizer, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Raw and server figures, measured turn about so that drift in the machine's speed
+    (shared machines drift by tens of percent within minutes) hits both alike."""
     headers = {"Authorization": f"Bearer {token}"}
     timeout = aiohttp.ClientTimeout(total=600)
+    raw_singles: list[tuple[float, float, int]] = []
+    singles: list[dict[str, float]] = []
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
-        await stream_one(session, base, PROMPTS[0], 8)  # warm-up
-        singles = []
+        raw_single(generator, prompt_tokens(tokenizer, PROMPTS[0]), 8)  # warm-up
+        await stream_one(session, base, PROMPTS[0], 8)
         for i, prompt in enumerate(PROMPTS[: args.prompts]):
-            log(f"server single stream {i + 1}/{args.prompts}")
+            log(f"single stream {i + 1}/{args.prompts}: raw, then server")
+            tokens = prompt_tokens(tokenizer, prompt)
+            raw_singles.append(raw_single(generator, tokens, args.max_tokens))
+            await asyncio.sleep(SETTLE)
             singles.append(await stream_one(session, base, prompt, args.max_tokens))
-        log(f"server: {args.concurrency} concurrent streams")
+            await asyncio.sleep(SETTLE)
+        log(f"{args.concurrency} streams: raw generate_batch, then the server")
         batch_prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.concurrency)]
+        raw_batch_tps, _ = raw_batch(
+            generator, [prompt_tokens(tokenizer, p) for p in batch_prompts], args.max_tokens
+        )
+        await asyncio.sleep(SETTLE)
         start = time.perf_counter()
         many = await asyncio.gather(
             *(stream_one(session, base, p, args.max_tokens) for p in batch_prompts)
         )
         wall = time.perf_counter() - start
-    return {
+    raw = {
+        "single_ttft_s": statistics.median(r[0] for r in raw_singles),
+        "single_tps": statistics.median(r[1] for r in raw_singles),
+        "batch_tps": raw_batch_tps,
+    }
+    server = {
         "single_ttft_s": statistics.median(s["ttft"] for s in singles),
         "single_tps": statistics.median(s["tps"] for s in singles),
         "concurrent_tps": sum(m["tokens"] for m in many) / wall,
         "concurrent_tokens": sum(m["tokens"] for m in many),
     }
+    return raw, server
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -206,21 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     generator = ctranslate2.Generator(
         str(args.model_dir), device="cpu", compute_type="float32", intra_threads=threads
     )
-    raw_single(generator, prompt_tokens(tokenizer, PROMPTS[0]), 8)  # warm-up
-    singles = []
-    for i, prompt in enumerate(PROMPTS[: args.prompts]):
-        log(f"raw single stream {i + 1}/{args.prompts}")
-        singles.append(raw_single(generator, prompt_tokens(tokenizer, prompt), args.max_tokens))
-    log(f"raw generate_batch at batch {args.concurrency}")
-    batch = [prompt_tokens(tokenizer, PROMPTS[i % len(PROMPTS)]) for i in range(args.concurrency)]
-    raw_batch_tps, _ = raw_batch(generator, batch, args.max_tokens)
-    del generator
-
-    raw = {
-        "single_ttft_s": statistics.median(s[0] for s in singles),
-        "single_tps": statistics.median(s[1] for s in singles),
-        "batch_tps": raw_batch_tps,
-    }
 
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Path(tmp) / "catalog.toml"
@@ -257,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             base = f"http://127.0.0.1:{port}"
             asyncio.run(wait_ready(base))
-            server = asyncio.run(server_runs(base, token, args))
+            raw, server = asyncio.run(interleaved_runs(base, token, generator, tokenizer, args))
             server["peak_rss_mib"] = peak_rss_mib(proc.pid)
         finally:
             proc.terminate()
