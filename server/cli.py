@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-streams-per-token",
         type=int,
-        default=int(_env("MAX_STREAMS_PER_TOKEN", "100")),
+        default=int(_env("MAX_STREAMS_PER_TOKEN", "1000")),
         help="streams open at once per stream URL, and per API token on /v1/run_sse; one "
         "more gets 429 (REPLICANT_MAX_STREAMS_PER_TOKEN)",
     )

@@ -45,8 +45,9 @@ class Config:
     #: canceled; new predictions get 503 meanwhile.
     shutdown_grace: float = 30.0
     #: Streams open at once per credential: per stream URL (its capability token) and, for
-    #: `/v1/run_sse`, per API token; one more gets 429.
-    max_streams_per_token: int = 100
+    #: `/v1/run_sse`, per API token; one more gets 429. High enough for hundreds of people
+    #: watching one prediction, low enough that one leaked URL cannot hold every socket.
+    max_streams_per_token: int = 1000
     #: Seconds a stream URL keeps answering after its prediction ended (then 410).
     stream_ttl: float = 3600.0
     #: Seconds a write to a stream reader may wait before the reader is dropped as stuck.
