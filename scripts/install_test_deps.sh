@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the streaming tests need outside Python, once; later runs find it and do nothing.
-#   - Debian's chromium and chromium-driver (tests/test_browser_streams.py), when missing and
-#     this runs as root with apt-get;
+#   - Debian's chromium and chromium-driver, and firefox-esr (the browser tests, driven over
+#     CDP, playwright-core and WebDriver BiDi), when missing and this runs as root with apt-get;
 #   - the official JavaScript client replicate@1.4.0 and playwright-core into .cache/node
 #     (tests/test_js_client.py, tests/js/*.mjs), when node and npm exist.
 # Playwright's own browser download is never used: it drives the Debian chromium.
@@ -13,15 +13,19 @@ NODE_DIR="${REPLICANT_NODE_DIR:-$ROOT/.cache/node}"
 REPLICATE_JS_VERSION="1.4.0"
 PLAYWRIGHT_CORE_VERSION="1.65.1"
 
-if ! command -v chromium >/dev/null 2>&1; then
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium chromium-driver)
+command -v firefox-esr >/dev/null 2>&1 || command -v firefox >/dev/null 2>&1 ||
+    missing+=(firefox-esr)
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-        echo "==> installing chromium and chromium-driver (apt-get)" >&2
+        echo "==> installing ${missing[*]} (apt-get)" >&2
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq >&2
-        apt-get install -y -qq --no-install-recommends chromium chromium-driver >&2
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
     else
-        echo "==> chromium is missing and cannot be installed here (needs root and apt-get):" \
-            "install the Debian packages chromium and chromium-driver" >&2
+        echo "==> ${missing[*]} missing and cannot be installed here (needs root and apt-get):" \
+            "install these Debian packages" >&2
     fi
 fi
 

@@ -1,4 +1,4 @@
-"""A real browser reads a stream URL: headless Chromium, a page on another origin.
+"""A real browser reads a stream URL: headless Chromium and Firefox, a page on another origin.
 
 The flow of docs/streaming.md: the page's own server (a second aiohttp app on another
 loopback port) creates the prediction with the official Python client and hands the page
@@ -11,6 +11,7 @@ The page also calls the API cross-origin, which the server allows for its origin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from replicate.client import Client as ReplicateClient
 
 from server import keys
 from tests.conftest import TOKEN, LiveStarter
+from tests.firefox_support import Firefox
 from tests.test_streams_support import Script, Scripts
 
 JS = Path(__file__).resolve().parent / "js"
@@ -156,8 +158,7 @@ async def page_site() -> AsyncIterator[PageSite]:
     await site.stop()
 
 
-@pytest.fixture
-def chromium(node_dir: Path) -> str:
+def chromium_path() -> str:
     if shutil.which("chromium") is None and not Path(CHROMIUM).exists():
         pytest.fail(
             "Chromium is missing: install the Debian packages chromium and chromium-driver "
@@ -166,9 +167,42 @@ def chromium(node_dir: Path) -> str:
     return shutil.which("chromium") or CHROMIUM
 
 
+async def in_chromium(node_dir: Path, url: str, profile: Path) -> dict[str, Any]:
+    """Open `url` in Chromium (tests/js/browser.mjs); the page's final state and console."""
+    browser = await asyncio.create_subprocess_exec(
+        "node",
+        str(JS / "browser.mjs"),
+        str(node_dir),
+        url,
+        str(profile),
+        "60000",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", "CHROMIUM_PATH": chromium_path(), "HOME": str(profile)},
+    )
+    try:
+        stdout, stderr = await browser.communicate()
+    finally:
+        if browser.returncode is None:
+            browser.kill()
+            await browser.wait()
+    assert browser.returncode == 0, stderr.decode()
+    result: dict[str, Any] = json.loads(stdout)
+    return result
+
+
+async def in_firefox(url: str, profile: Path) -> dict[str, Any]:
+    """Open `url` in Firefox (WebDriver BiDi); the page's final state and console."""
+    async with Firefox.launch(profile) as firefox:
+        await firefox.goto(url)
+        state = await firefox.wait_for("window.state?.finished === true && window.state", 60)
+        return {"state": state, "console": firefox.console}
+
+
+@pytest.mark.parametrize("browser", ["chromium", "firefox"])
 async def test_event_source_across_origins_resumes_after_a_drop(
-    node_dir: Path,
-    chromium: str,
+    browser: str,
+    request: pytest.FixtureRequest,
     live_server: LiveStarter,
     scripts: Scripts,
     page_site: PageSite,
@@ -178,17 +212,13 @@ async def test_event_source_across_origins_resumes_after_a_drop(
     page_site.api_url = server.url
     chunks = ["Hello", ", wörld", "\n", "line two 🚀", " and", " the end\n"]
     script = scripts["browser"] = Script(chunks, allowed=3)
-    browser = await asyncio.create_subprocess_exec(
-        "node",
-        str(JS / "browser.mjs"),
-        str(node_dir),
-        f"{page_site.origin}/?prompt=browser",
-        str(tmp_path / "chromium-profile"),
-        "60000",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={"PATH": "/usr/bin:/bin", "CHROMIUM_PATH": chromium, "HOME": str(tmp_path)},
-    )
+    url = f"{page_site.origin}/?prompt=browser"
+    profile = tmp_path / f"{browser}-profile"
+    if browser == "chromium":
+        opened = in_chromium(request.getfixturevalue("node_dir"), url, profile)
+    else:
+        opened = in_firefox(url, profile)
+    page = asyncio.create_task(opened)
     try:
         async with asyncio.timeout(90):
             first, answer = await server.stream_requests.get()
@@ -211,13 +241,11 @@ async def test_event_source_across_origins_resumes_after_a_drop(
             third, answer = await server.stream_requests.get()
             assert third.headers["Last-Event-ID"].endswith("-done")
             assert answer.status == 204
-            stdout, stderr = await browser.communicate()
+            result = await page
     finally:
-        if browser.returncode is None:
-            browser.kill()
-            await browser.wait()
-    assert browser.returncode == 0, stderr.decode()
-    result = json.loads(stdout)
+        page.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await page
     state = result["state"]
     assert "failure" not in state, result
     assert state["text"] == "".join(prediction.output) == "".join(chunks)
