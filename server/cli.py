@@ -128,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds allowed for one webhook request (REPLICANT_WEBHOOK_TIMEOUT)",
     )
     serve.add_argument(
+        "--webhook-retention",
+        type=float,
+        default=float(_env("WEBHOOK_RETENTION", str(7 * 24 * 3600))),
+        help="seconds finished webhook deliveries and their attempts stay in the database "
+        "(pending ones stay until they finish; at least twice the retry window) "
+        "(REPLICANT_WEBHOOK_RETENTION)",
+    )
+    serve.add_argument(
         "--webhook-retry-window",
         type=float,
         default=float(_env("WEBHOOK_RETRY_WINDOW", "300")),
@@ -311,6 +319,7 @@ def serve(args: argparse.Namespace) -> int:
         webhook_concurrency=args.webhook_concurrency,
         webhook_host_concurrency=args.webhook_host_concurrency,
         webhook_backlog=args.webhook_backlog,
+        webhook_retention=args.webhook_retention,
         webhook_deny_private=args.webhook_deny_private,
         stream_ttl=args.stream_ttl,
         stream_send_timeout=args.stream_send_timeout,

@@ -79,6 +79,9 @@ class Config:
     #: Predictions whose webhooks are held in memory; beyond it `completed` deliveries wait in
     #: the outbox table and other webhooks are dropped (both logged).
     webhook_backlog: int = 1000
+    #: Seconds delivered and failed webhook deliveries (and their attempts) stay in the
+    #: database; pending ones stay until they finish. At least twice the retry window.
+    webhook_retention: float = 7 * 24 * 3600.0
     #: Refuse webhooks to loopback and private addresses too (link-local and cloud metadata
     #: addresses are always refused).
     webhook_deny_private: bool = False

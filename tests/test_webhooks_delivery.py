@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from aiohttp.test_utils import TestClient
 
 from server.records import WEBHOOK_EVENTS, Prediction, Status, new_prediction_id, parse_time
 from server.webhooks import WEBHOOKS, DeliveryReport, WebhookService
+from server.webhooks.service import WebhookSettings
 from tests.conftest import AUTH, AppStarter
 from tests.webhook_receiver import Received, WebhookReceiver
 
@@ -469,3 +471,47 @@ async def test_a_full_backlog_keeps_completed_webhooks_in_the_outbox(
         (first["id"], "completed"),
         (second["id"], "completed"),
     ]
+
+
+async def test_finished_deliveries_are_pruned_after_their_retention(
+    start_app: AppStarter, webhook_receiver: WebhookReceiver
+) -> None:
+    client = await started(start_app, webhook_receiver)
+    queue = reports(client)
+    delivered = await create(
+        client, webhook=webhook_receiver.url(), webhook_events_filter=["completed"]
+    )
+    assert (await final_report(queue, delivered["id"])).outcome == "delivered"
+    # The next receiver blips for a long time: its completed delivery stays pending.
+    webhook_receiver.fail(1000, status=503)
+    pending = await create(
+        client, webhook=webhook_receiver.url(), webhook_events_filter=["completed"]
+    )
+    async with asyncio.timeout(15):
+        while (await queue.get()).prediction_id != pending["id"]:
+            pass
+
+    async def listed() -> dict[str, dict[str, Any]]:
+        resp = await client.get("/v1/webhooks/deliveries", headers=AUTH)
+        return {row["prediction_id"]: row for row in (await resp.json())["results"]}
+
+    rows = await listed()
+    assert {k: r["status"] for k, r in rows.items()} == {
+        delivered["id"]: "delivered",
+        pending["id"]: "pending",
+    }
+    service = webhooks(client)
+    # Within the retention (a week by default) nothing is removed.
+    assert await service.prune() == 0
+    assert len(await listed()) == 2
+    # Past it, the finished delivery and its attempts go; the pending one stays.
+    assert await service.outbox.prune(finished_before=time.time() + 1) == 1
+    assert list(await listed()) == [pending["id"]]
+    assert await service.outbox.attempts(rows[delivered["id"]]["id"]) == []
+    assert len(await service.outbox.attempts(rows[pending["id"]]["id"])) >= 1
+
+
+def test_retention_is_never_shorter_than_twice_the_retry_window() -> None:
+    settings = WebhookSettings(retention=60, retry_window=300)
+    assert settings.kept_for == 600
+    assert WebhookSettings().kept_for == 7 * 24 * 3600

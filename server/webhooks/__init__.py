@@ -54,6 +54,7 @@ def settings_from(config: Config) -> WebhookSettings:
         concurrency=config.webhook_concurrency,
         host_concurrency=config.webhook_host_concurrency,
         backlog=config.webhook_backlog,
+        retention=config.webhook_retention,
     )
 
 

@@ -252,6 +252,29 @@ class WebhookOutbox:
             found.update((row[1], _delivery(row)) for row in rows)
         return found
 
+    async def prune(self, *, finished_before: float) -> int:
+        """Delete delivered and failed deliveries that finished before this unix time, with
+        their attempts; pending ones are never deleted. Returns how many were deleted."""
+        finished = "status != 'pending' AND finished_at < ?"
+        async with self._lock:
+            db = self._db
+            try:
+                async with db.execute(
+                    "DELETE FROM webhook_attempts WHERE delivery_id IN "
+                    f"(SELECT id FROM webhook_deliveries WHERE {finished})",
+                    (finished_before,),
+                ):
+                    pass
+                async with db.execute(
+                    f"DELETE FROM webhook_deliveries WHERE {finished}", (finished_before,)
+                ) as cursor:
+                    removed = cursor.rowcount
+            except BaseException:
+                await db.rollback()
+                raise
+            await db.commit()
+        return max(removed, 0)
+
     # -- reads ------------------------------------------------------------------------------
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[aiosqlite.Row]:

@@ -68,6 +68,17 @@ class WebhookSettings:
     concurrency: int = 32
     host_concurrency: int = 8
     backlog: int = 1000
+    retention: float = 7 * 24 * 3600.0
+
+    @property
+    def kept_for(self) -> float:
+        """Seconds finished deliveries are kept: never less than twice the retry window, so
+        that restart recovery (which looks back one window) always finds a delivery's row."""
+        return max(self.retention, 2 * self.retry_window)
+
+
+#: How often finished deliveries past their retention are deleted, in seconds.
+PRUNE_INTERVAL = 3600.0
 
 
 @attrs.frozen(kw_only=True)
@@ -110,6 +121,7 @@ class WebhookService:
         #: Pending outbox rows from this seq on may have no lane yet (0: load all at start).
         self._spill_from: int | None = 0
         self._refill_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._closed = False
         self._warn_full = RateLimitedWarning()
@@ -124,6 +136,7 @@ class WebhookService:
         )
         await self._refill()
         self._update_idle()
+        self._prune_task = asyncio.create_task(self._prune_forever(), name="webhook-prune")
 
     async def close(self) -> None:
         """Stop sending. Rows being written are finished; unsent deliveries stay pending."""
@@ -133,9 +146,26 @@ class WebhookService:
         tasks = list(self._lane_tasks)
         if self._refill_task is not None:
             tasks.append(self._refill_task)
+        if self._prune_task is not None:
+            tasks.append(self._prune_task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def prune(self) -> int:
+        """Delete finished deliveries (and their attempts) older than the retention."""
+        removed = await self.outbox.prune(finished_before=time.time() - self._settings.kept_for)
+        if removed:
+            log.info("removed %d finished webhook deliveries past their retention", removed)
+        return removed
+
+    async def _prune_forever(self) -> None:
+        while True:
+            try:
+                await self.prune()
+            except Exception:  # a failed cleanup must not stop deliveries; try again later
+                log.exception("pruning old webhook deliveries failed")
+            await asyncio.sleep(PRUNE_INTERVAL)
 
     async def wait_idle(self) -> None:
         """Until nothing is waiting to be sent or retried (tests use it to synchronise)."""
