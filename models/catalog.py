@@ -213,7 +213,9 @@ def load_catalog(path: Path | None, *, data_dir: Path) -> Catalog:
 
 
 def _resolve_path(value: str, base: Path, data_dir: Path) -> Path:
-    path = Path(value.replace("{data_dir}", str(data_dir))).expanduser()
+    # `{data_dir}` is the server's, taken from where the server runs (a relative --data-dir
+    # must not be read from the catalog's folder); other relative paths from the catalog's.
+    path = Path(value.replace("{data_dir}", str(data_dir.resolve()))).expanduser()
     return path if path.is_absolute() else (base / path)
 
 

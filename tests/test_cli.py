@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -144,4 +145,50 @@ async def test_first_start_generates_and_prints_a_token_once(
     proc, banner = await start(tmp_path, tiny_model, port)
     processes.append(proc)
     assert token not in banner and str(token_file) in banner
+    assert await stop(proc) == 0
+
+
+async def test_the_built_in_catalog_with_a_relative_data_dir(
+    tmp_path: Path, tiny_model: Path, processes: list[asyncio.subprocess.Process]
+) -> None:
+    """As `scripts/serve` runs it: no --catalog, `--data-dir data` from the working folder."""
+    prepared = tmp_path / "data" / "models" / "smollm2-135m-instruct"
+    prepared.parent.mkdir(parents=True)
+    prepared.symlink_to(tiny_model, target_is_directory=True)
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        "data",
+        "--log-level",
+        "warning",
+        cwd=tmp_path,
+        env={**os.environ, "REPLICANT_API_TOKENS": "r8_relative", "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    processes.append(proc)
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        health: dict[str, object] = {}
+        async with asyncio.timeout(60):
+            while health.get("status") not in ("READY", "SETUP_FAILED"):
+                await asyncio.sleep(0.2)
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{url}/health-check") as resp:
+                        health = await resp.json()
+        assert health["status"] == "READY", health
+        async with session.post(
+            f"{url}/v1/run",
+            json={"model": "huggingfacetb/smollm2-135m-instruct", "input": {"prompt": "hi"}},
+            headers={"Authorization": "Bearer r8_relative"},
+        ) as resp:
+            assert resp.status == 201
+            assert (await resp.json())["status"] == "succeeded"
+    assert (tmp_path / "data" / "replicant.sqlite3").exists()
     assert await stop(proc) == 0
