@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,30 +57,24 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 import ctranslate2  # noqa: E402
 import tokenizers  # noqa: E402
+from benchlib import (  # noqa: E402
+    DEFAULT_MODEL_DIR,
+    MODEL,
+    PROMPTS,
+    SYSTEM,
+    cpu_name,
+    ensure_default_model,
+    free_port,
+    log,
+)
 
 from models.gguf_convert import find_smollm2_gguf  # noqa: E402
 from models.prompts import CHAT_TEMPLATES, render  # noqa: E402
 
 LLAMA_CPP_VERSION = "0.3.16"
-MODEL = "huggingfacetb/smollm2-135m-instruct"
-SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 TOKEN = "bench-token"
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
-PROMPTS = [
-    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain in detail how a steam engine works, step by step.",
-    "Describe a day in the life of a medieval blacksmith.",
-    "Write a detailed travel guide for a weekend in Paris.",
-    "Tell me everything you know about the history of the bicycle.",
-    "Write a long letter from a sailor to his family back home.",
-    "Explain how bread is made, from wheat field to bakery shelf.",
-    "Describe the water cycle to a curious ten-year-old, in detail.",
-]
 SYSTEMS = ("raw CTranslate2", "replicant", "llama.cpp")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 class Requests:
@@ -98,23 +91,6 @@ class Requests:
 
 def chatml(system: str, prompt: str) -> str:
     return render(CHAT_TEMPLATES["chatml"], prompt=prompt, system_prompt=system)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (platform.processor() is often empty or just the architecture)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {platform.machine()}"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def summarize(requests: list[dict[str, float]], wall: float) -> dict[str, float]:
@@ -335,17 +311,7 @@ def llama_cpp_python() -> Path:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     levels = [int(x) for x in args.levels.split(",")]
     threads = args.threads or len(os.sched_getaffinity(0))
-    if not (args.model_dir / "model.bin").exists():
-        log(f"preparing the default model in {args.model_dir}")
-        subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "scripts/prepare_default_model.py"),
-                "--out",
-                str(args.model_dir),
-            ],
-            check=True,
-        )
+    ensure_default_model(args.model_dir)
     gguf = find_smollm2_gguf()
     llama_python = llama_cpp_python()
     tokenizer = tokenizers.Tokenizer.from_file(str(args.model_dir / "tokenizer.json"))
@@ -535,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model-dir",
         type=Path,
-        default=ROOT / "data/models/smollm2-135m-instruct",
+        default=DEFAULT_MODEL_DIR,
         help="CTranslate2 model directory (prepared from the GGUF file if missing)",
     )
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")

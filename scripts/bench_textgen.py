@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,28 +37,22 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 import ctranslate2  # noqa: E402
 import tokenizers  # noqa: E402
+from benchlib import (  # noqa: E402
+    DEFAULT_MODEL_DIR,
+    MODEL,
+    PROMPTS,
+    SYSTEM,
+    cpu_name,
+    ensure_default_model,
+    free_port,
+    log,
+)
 
 from models.prompts import CHAT_TEMPLATES, render  # noqa: E402
 
-MODEL = "huggingfacetb/smollm2-135m-instruct"
 #: Pause between a raw run and a server run: the engine's worker threads may spin for a
 #: while after a call, and would steal the other side's cores.
 SETTLE = 0.5
-SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-PROMPTS = [
-    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain in detail how a steam engine works, step by step.",
-    "Describe a day in the life of a medieval blacksmith.",
-    "Write a detailed travel guide for a weekend in Paris.",
-    "Tell me everything you know about the history of the bicycle.",
-    "Write a long letter from a sailor to his family back home.",
-    "Explain how bread is made, from wheat field to bakery shelf.",
-    "Describe the water cycle to a curious ten-year-old, in detail.",
-]
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def prompt_tokens(tokenizer: tokenizers.Tokenizer, prompt: str) -> list[str]:
@@ -95,12 +88,6 @@ def raw_batch(generator: Any, batch: list[list[str]], max_tokens: int) -> tuple[
     elapsed = time.perf_counter() - start
     tokens = sum(len(r.sequences_ids[0]) for r in results)
     return tokens / elapsed, tokens
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def stream_one(
@@ -203,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model-dir",
         type=Path,
-        default=ROOT / "data/models/smollm2-135m-instruct",
+        default=DEFAULT_MODEL_DIR,
         help="CTranslate2 model directory (prepared if missing)",
     )
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per generation")
@@ -213,17 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
 
-    if not (args.model_dir / "model.bin").exists():
-        log(f"preparing the default model in {args.model_dir}")
-        subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "scripts/prepare_default_model.py"),
-                "--out",
-                str(args.model_dir),
-            ],
-            check=True,
-        )
+    ensure_default_model(args.model_dir)
     threads = args.threads or len(os.sched_getaffinity(0))
     tokenizer = tokenizers.Tokenizer.from_file(str(args.model_dir / "tokenizer.json"))
 
@@ -275,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = {
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_name(),
             "cores": threads,
             "python": platform.python_version(),
             "ctranslate2": ctranslate2.__version__,
