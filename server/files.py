@@ -22,7 +22,7 @@ import os
 import re
 import secrets
 import unicodedata
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from aiohttp import web
 
 from models.images import FORMATS, sniff_image
 from server.records import format_time, new_prediction_id, parse_time, utcnow
+from server.store import first_row
 
 _ID = re.compile(r"^[a-z0-9]{20,64}$")
 _MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
@@ -256,7 +257,7 @@ class FileStore:
     async def get(self, file_id: str) -> StoredFile | None:
         if not valid_id(file_id):
             return None
-        row = _first(
+        row = first_row(
             await self._db.execute_fetchall(
                 f"SELECT {_COLUMNS} FROM files WHERE id = ?", (file_id,)
             )
@@ -304,17 +305,6 @@ class FileStore:
         rows = rows[:limit]
         next_cursor = _encode_cursor(int(rows[-1][0])) if more and rows else None
         return FilePage([_row(r[1:]) for r in rows], next_cursor)
-
-
-def _first(rows: Iterable[Any]) -> Any:
-    """The first row of an `execute_fetchall`, or None.
-
-    Reads go through `execute_fetchall`, which runs the whole query in one step on
-    aiosqlite's thread: a cursor fetched across awaits keeps a read snapshot open, and a
-    write that another coroutine sends on the same connection meanwhile fails at once with
-    "database is locked" if another connection committed since the snapshot was taken.
-    """
-    return next(iter(rows), None)
 
 
 def _encode_cursor(seq: int) -> str:

@@ -120,7 +120,7 @@ class CursorInvalid(ValueError):
     pass
 
 
-def _first(rows: Iterable[Any]) -> Any:
+def first_row(rows: Iterable[Any]) -> Any:
     """The first row of an `execute_fetchall`, or None.
 
     Reads go through `execute_fetchall`, which runs the whole query in one step on
@@ -215,7 +215,7 @@ class PredictionStore:
         await self._db.close()
 
     async def _migrate(self) -> None:
-        row = _first(await self._db.execute_fetchall("PRAGMA user_version"))
+        row = first_row(await self._db.execute_fetchall("PRAGMA user_version"))
         current = int(row[0]) if row else 0
         if current > len(MIGRATIONS):
             raise RuntimeError(
@@ -265,7 +265,7 @@ class PredictionStore:
         await self._db.commit()
 
     async def get(self, prediction_id: str) -> Prediction | None:
-        row = _first(
+        row = first_row(
             await self._db.execute_fetchall(
                 f"SELECT {_COLUMNS} FROM predictions WHERE id = ?", (prediction_id,)
             )
@@ -273,7 +273,7 @@ class PredictionStore:
         return _prediction(row) if row else None
 
     async def get_by_stream_token(self, token: str) -> Prediction | None:
-        row = _first(
+        row = first_row(
             await self._db.execute_fetchall(
                 f"SELECT {_COLUMNS} FROM predictions WHERE stream_token = ?", (token,)
             )
@@ -328,7 +328,7 @@ class PredictionStore:
         )
 
     async def count_for_model(self, model: str) -> int:
-        row = _first(
+        row = first_row(
             await self._db.execute_fetchall(
                 "SELECT COUNT(*) FROM predictions WHERE model = ?", (model,)
             )
@@ -371,4 +371,4 @@ class PredictionStore:
         return [_prediction(row) for row in rows]
 
 
-__all__ = ["CursorInvalid", "Page", "PredictionStore", "utcnow"]
+__all__ = ["CursorInvalid", "Page", "PredictionStore", "first_row", "utcnow"]
