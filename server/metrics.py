@@ -19,8 +19,7 @@ from prometheus_client.registry import Collector
 from server import keys
 from server.records import Prediction
 from server.runner import Runner, RunnerState
-from server.webhooks import SENDER
-from server.webhooks.deliveries import Attempt
+from server.webhooks import WEBHOOKS, DeliveryReport
 
 log = logging.getLogger("replicant.predictions")
 
@@ -128,7 +127,9 @@ class Metrics:
                 prediction.error is not None,
             )
 
-    def on_webhook_attempt(self, attempt: Attempt) -> None:
+    def on_webhook_attempt(self, report: DeliveryReport) -> None:
+        """A `WebhookService` observer: every attempt, intermediate webhooks included."""
+        attempt = report.result
         if attempt.succeeded:
             outcome = "delivered"
         elif attempt.status_code is not None:
@@ -177,13 +178,11 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     app[METRICS] = metrics
     predictions = app[keys.PREDICTIONS]
     predictions.listeners.append(metrics.on_prediction_event)
-    sender = app.get(SENDER)
-    if sender is not None:
-        sender.observers.append(metrics.on_webhook_attempt)
+    webhooks = app[WEBHOOKS]
+    webhooks.observers.append(metrics.on_webhook_attempt)
     yield
     predictions.listeners.remove(metrics.on_prediction_event)
-    if sender is not None:
-        sender.observers.remove(metrics.on_webhook_attempt)
+    webhooks.observers.remove(metrics.on_webhook_attempt)
 
 
 def setup_routes(app: web.Application) -> None:

@@ -295,6 +295,10 @@ async def test_completed_is_retried_until_it_succeeds(
     assert row["id"] == received[0].webhook_id
     attempts = await webhooks(client).outbox.attempts(row["id"])
     assert [a.status_code for a in attempts] == [503, 503, 429, 200]
+    # /metrics counts every attempt by outcome.
+    scraped = await (await client.get("/metrics", headers=AUTH)).text()
+    for outcome, count in (("http_5xx", 2), ("http_4xx", 1), ("delivered", 1)):
+        assert f'replicant_webhook_attempts_total{{outcome="{outcome}"}} {count}.0' in scraped
 
 
 async def test_retry_after_is_honoured(

@@ -43,7 +43,6 @@ __all__ = [
 # Declared here rather than in server.keys, which does not import this package.
 WEBHOOKS = web.AppKey("webhooks", WebhookService)
 SIGNER = web.AppKey("webhook_signer", WebhookSigner)
-SENDER = web.AppKey("webhook_sender", WebhookSender)
 
 
 def settings_from(config: Config) -> WebhookSettings:
@@ -84,7 +83,6 @@ async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
         predictions.listeners.append(service.on_prediction_event)
         app[WEBHOOKS] = service
         app[SIGNER] = signer
-        app[SENDER] = sender
         yield
     finally:
         if service.on_prediction_event in predictions.listeners:

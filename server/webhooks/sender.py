@@ -11,7 +11,6 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
@@ -114,17 +113,9 @@ class WebhookSender:
         self._signer = signer
         self._timeout = timeout
         self._deny_private = deny_private
-        #: Called with every attempt's outcome (metrics count them).
-        self.observers: list[Callable[[Attempt], None]] = []
 
     async def post(self, url: str, webhook_id: str, body: bytes) -> Attempt:
         """Send one signed attempt; every outcome, including errors, comes back as an Attempt."""
-        outcome = await self._post(url, webhook_id, body)
-        for observe in self.observers:
-            observe(outcome)
-        return outcome
-
-    async def _post(self, url: str, webhook_id: str, body: bytes) -> Attempt:
         started = time.time()
         clock = asyncio.get_running_loop().time
         t0 = clock()
