@@ -52,14 +52,9 @@ class InputValidator:
             raise InputInvalid(
                 [{"field": "input", "message": f"must be an object, not {_json_type(raw)}"}]
             )
-        # JSON has no NaN or Infinity, but Python's json (and the form parser) make them, and
-        # JSON Schema bounds let NaN through (every comparison with it is false).
         errors = [
-            {"field": field, "message": "must be a finite number"} for field in _non_finite(raw)
-        ]
-        errors += [
-            {"field": field, "message": f"is longer than {self._max_chars} characters ({n})"}
-            for field, n in _long_strings(raw, self._max_chars, self._uri_fields)
+            {"field": field, "message": message}
+            for field, message in _value_errors(raw, self._max_chars, self._uri_fields)
         ]
         errors += [d for e in self._validator.iter_errors(raw) for d in _describe(e)]
         if errors:
@@ -86,34 +81,28 @@ class InputValidator:
         return order if isinstance(order, int) else 10_000
 
 
-def _non_finite(value: Any, path: tuple[str, ...] = ()) -> Iterator[str]:
-    """The dotted paths of NaN and infinite numbers anywhere in `value`."""
+def _value_errors(
+    value: Any, limit: int | None, exempt: frozenset[str], path: tuple[str, ...] = ()
+) -> Iterator[tuple[str, str]]:
+    """(dotted path, message) for what JSON Schema lets through, anywhere in `value`:
+
+    NaN and infinities (not JSON, but Python's json and the form parser make them, and every
+    bound lets NaN through), and strings longer than `limit` (except in top-level `exempt`
+    fields, which other limits bound; None: no length limit).
+    """
+    field = ".".join(path) if path else "input"
     match value:
         case float() if not math.isfinite(value):
-            yield ".".join(path) if path else "input"
+            yield field, "must be a finite number"
+        case str() if limit is not None and len(value) > limit:
+            yield field, f"is longer than {limit} characters ({len(value)})"
         case dict():
             for key, item in value.items():
-                yield from _non_finite(item, (*path, str(key)))
+                bound = None if not path and key in exempt else limit
+                yield from _value_errors(item, bound, exempt, (*path, str(key)))
         case list():
             for index, item in enumerate(value):
-                yield from _non_finite(item, (*path, str(index)))
-
-
-def _long_strings(
-    value: Any, limit: int, exempt: frozenset[str], path: tuple[str, ...] = ()
-) -> Iterator[tuple[str, int]]:
-    """(dotted path, length) of every string longer than `limit` in `value`."""
-    match value:
-        case str() if len(value) > limit:
-            yield (".".join(path) if path else "input"), len(value)
-        case dict():
-            for key, item in value.items():
-                if not path and key in exempt:
-                    continue
-                yield from _long_strings(item, limit, exempt, (*path, str(key)))
-        case list():
-            for index, item in enumerate(value):
-                yield from _long_strings(item, limit, exempt, (*path, str(index)))
+                yield from _value_errors(item, limit, exempt, (*path, str(index)))
 
 
 def _json_type(value: Any) -> str:
