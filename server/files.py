@@ -33,7 +33,7 @@ from aiohttp import web
 
 from models.images import FORMATS, sniff_image
 from server.records import format_time, new_prediction_id, parse_time, utcnow
-from server.store import first_row
+from server.store import SQLITE_MAX_INT, first_row
 
 _ID = re.compile(r"^[a-z0-9]{20,64}$")
 _MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
@@ -315,7 +315,7 @@ def _decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         kind, _, seq = raw.partition(":")
-        if kind != "f" or not 0 <= int(seq) < 2**63:
+        if kind != "f" or not 0 <= int(seq) <= SQLITE_MAX_INT:
             raise ValueError(kind)
         return int(seq)
     except (ValueError, UnicodeDecodeError) as exc:

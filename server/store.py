@@ -120,6 +120,11 @@ class CursorInvalid(ValueError):
     pass
 
 
+#: The largest integer SQLite stores: bigger ids and cursors from clients are refused, not
+#: passed on (sqlite3 raises OverflowError for them).
+SQLITE_MAX_INT = 2**63 - 1
+
+
 def first_row(rows: Iterable[Any]) -> Any:
     """The first row of an `execute_fetchall`, or None.
 
@@ -139,7 +144,7 @@ def _decode_cursor(cursor: str) -> tuple[str, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         direction, _, seq = raw.partition(":")
-        if direction not in ("n", "p") or not 0 <= int(seq) < 2**63:
+        if direction not in ("n", "p") or not 0 <= int(seq) <= SQLITE_MAX_INT:
             raise ValueError(direction)
         return direction, int(seq)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
@@ -371,4 +376,4 @@ class PredictionStore:
         return [_prediction(row) for row in rows]
 
 
-__all__ = ["CursorInvalid", "Page", "PredictionStore", "first_row", "utcnow"]
+__all__ = ["SQLITE_MAX_INT", "CursorInvalid", "Page", "PredictionStore", "first_row", "utcnow"]

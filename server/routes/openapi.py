@@ -11,11 +11,12 @@ from models.catalog import Catalog
 from server import __version__, keys
 from server.http import json_response
 from server.records import WEBHOOK_EVENTS
+from server.store import SQLITE_MAX_INT
 
 _STATUS = ["starting", "processing", "succeeded", "failed", "canceled"]
 _TIME = {"type": ["string", "null"], "format": "date-time"}
 _STR = {"type": "string"}
-_POSITIVE = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
+_POSITIVE = {"type": "integer", "minimum": 1, "maximum": SQLITE_MAX_INT}
 
 PREDICTION = {
     "type": "object",

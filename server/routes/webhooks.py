@@ -8,11 +8,10 @@ from aiohttp import web
 
 from server.errors import RequestInvalid
 from server.http import base_url, json_response
+from server.store import SQLITE_MAX_INT
 from server.webhooks import SIGNER, WEBHOOKS, DeliveryStatus
 
 PAGE_SIZE = 100
-#: The largest integer SQLite stores.
-MAX_INT = 2**63 - 1
 
 
 async def get_default_secret(request: web.Request) -> web.Response:
@@ -28,8 +27,8 @@ def _int(request: web.Request, name: str, default: int | None) -> int | None:
         value = int(raw)
     except ValueError:
         value = -1
-    if not 1 <= value <= MAX_INT:
-        raise RequestInvalid(f"{name} must be an integer from 1 to {MAX_INT}, not {raw!r}.")
+    if not 1 <= value <= SQLITE_MAX_INT:
+        raise RequestInvalid(f"{name} must be an integer from 1 to {SQLITE_MAX_INT}, not {raw!r}.")
     return value
 
 
