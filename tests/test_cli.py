@@ -71,26 +71,19 @@ async def test_bad_catalog_is_a_clear_error(tmp_path: Path) -> None:
     assert "catalog" in out and "Traceback" not in out
 
 
-async def start(
-    tmp_path: Path, tiny_model: Path, port: int
+async def serve(
+    *args: str, cwd: Path, env: dict[str, str]
 ) -> tuple[asyncio.subprocess.Process, str]:
-    catalog = tmp_path / "catalog.toml"
-    catalog.write_text(catalog_toml(tiny_model))
-    env = {k: v for k, v in os.environ.items() if k != "REPLICANT_API_TOKENS"}
+    """Start `replicant serve` with `args`; the process and the banner it printed."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "server",
         "serve",
-        "--port",
-        str(port),
-        "--catalog",
-        str(catalog),
-        "--data-dir",
-        str(tmp_path / "data"),
+        *args,
         "--log-level",
         "warning",
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
@@ -105,6 +98,16 @@ async def start(
             if "API description" in line:
                 break
     return proc, "".join(banner)
+
+
+async def start(
+    tmp_path: Path, tiny_model: Path, port: int
+) -> tuple[asyncio.subprocess.Process, str]:
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(catalog_toml(tiny_model))
+    env = {k: v for k, v in os.environ.items() if k != "REPLICANT_API_TOKENS"}
+    args = ["--port", str(port), "--catalog", str(catalog), "--data-dir", str(tmp_path / "data")]
+    return await serve(*args, cwd=ROOT, env=env)
 
 
 async def stop(proc: asyncio.subprocess.Process) -> int:
@@ -156,21 +159,13 @@ async def test_the_built_in_catalog_with_a_relative_data_dir(
     prepared.parent.mkdir(parents=True)
     prepared.symlink_to(tiny_model, target_is_directory=True)
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server",
-        "serve",
+    proc, _ = await serve(
         "--port",
         str(port),
         "--data-dir",
         "data",
-        "--log-level",
-        "warning",
         cwd=tmp_path,
         env={**os.environ, "REPLICANT_API_TOKENS": "r8_relative", "PYTHONPATH": str(ROOT)},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
     )
     processes.append(proc)
     url = f"http://127.0.0.1:{port}"

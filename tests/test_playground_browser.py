@@ -36,6 +36,8 @@ from tests.conftest import (
 from tests.test_playground_support import (
     ARTIFACTS,
     CTRL,
+    RECORD_OUTPUT,
+    TERMINAL,
     Browser,
     Page,
     artifacts_on_failure,
@@ -99,22 +101,7 @@ async def sign_in(page: Page, url: str) -> None:
 
 async def record_output(page: Page) -> None:
     """From now on, note every (status, output length) the page shows, in window.seen."""
-    await page.evaluate(
-        """(() => {
-          window.seen = [];
-          const note = () => {
-            const status = document.querySelector("#prediction-status");
-            const output = document.querySelector("#prediction-output");
-            if (status && output) window.seen.push([status.textContent, output.textContent.length]);
-          };
-          new MutationObserver(note).observe(document.getElementById("result"), {
-            subtree: true, childList: true, characterData: true,
-          });
-        })()"""
-    )
-
-
-TERMINAL = "document.querySelector('#prediction')?.dataset.terminal === 'true'"
+    await page.evaluate(RECORD_OUTPUT)
 
 
 async def test_sign_in_fill_the_form_and_watch_it_stream(

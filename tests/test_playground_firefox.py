@@ -16,10 +16,10 @@ from server import keys
 from server.records import Status
 from tests.conftest import TOKEN, LiveStarter
 from tests.firefox_support import Firefox
+from tests.test_playground_support import RECORD_OUTPUT, TERMINAL
 from tests.test_streams_support import Script, Scripts
 
 SMOL = "huggingfacetb/smollm2-135m-instruct"
-TERMINAL = "document.querySelector('#prediction')?.dataset.terminal === 'true'"
 
 
 @pytest.fixture
@@ -57,19 +57,7 @@ async def test_run_a_model_from_its_form_and_watch_it_stream(
     await firefox.fill("#field-temperature", "0")
     # The number box moves its slider, as in Chromium.
     assert await firefox.evaluate("document.querySelector('#field-temperature-range').value") == "0"
-    await firefox.evaluate(
-        """(() => {
-          window.seen = [];
-          new MutationObserver(() => {
-            const status = document.querySelector("#prediction-status");
-            const output = document.querySelector("#prediction-output");
-            if (status && output) window.seen.push([status.textContent, output.textContent.length]);
-          }).observe(document.getElementById("result"), {
-            subtree: true, childList: true, characterData: true,
-          });
-          return true;
-        })()"""
-    )
+    await firefox.evaluate(RECORD_OUTPUT)
     await firefox.click("#run-button")
     await firefox.wait_for(TERMINAL, within=60)
 

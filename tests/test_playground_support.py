@@ -38,6 +38,22 @@ FLAGS = (
     "--remote-debugging-port=0",
     "--remote-debugging-address=127.0.0.1",
 )
+#: Page script: from now on, note every (status, output length) the page shows, in
+#: window.seen (the Chromium and Firefox playground tests check that output streamed in).
+RECORD_OUTPUT = """(() => {
+  window.seen = [];
+  const note = () => {
+    const status = document.querySelector("#prediction-status");
+    const output = document.querySelector("#prediction-output");
+    if (status && output) window.seen.push([status.textContent, output.textContent.length]);
+  };
+  new MutationObserver(note).observe(document.getElementById("result"), {
+    subtree: true, childList: true, characterData: true,
+  });
+  return true;
+})()"""
+#: Page expression: true once the prediction shown has ended.
+TERMINAL = "document.querySelector('#prediction')?.dataset.terminal === 'true'"
 #: Key name -> (code, Windows virtual key code, text it types).
 _KEYS = {
     "Enter": ("Enter", 13, "\r"),
