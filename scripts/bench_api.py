@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import aiohttp
 import aiosqlite
 import attrs
 from aiohttp import web
+from benchlib import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "r8_bench-token-0123456789"
@@ -120,13 +120,6 @@ def bare_app(db_path: Path) -> web.Application:
 
 
 # -- processes -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager

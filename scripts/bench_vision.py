@@ -26,7 +26,6 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # type: ignore[import-untyped]  # noqa: E402  # no py.typed
+from benchlib import free_port, log  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from models.base import Job  # noqa: E402
@@ -52,10 +52,6 @@ from models.vision_language import VisionLanguageBackend, VisionSettings  # noqa
 
 MODEL = "yorickvp/llava-v1.6-34b"
 PROMPT = "Describe this image in detail."
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def photo(width: int, height: int) -> bytes:
@@ -156,12 +152,6 @@ def loop_decode(
         speeds.append(float(sink.values["tokens_per_second"]))
         tokens = int(sink.values["output_token_count"])
     return statistics.median(speeds), tokens
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_ready(base: str) -> None:

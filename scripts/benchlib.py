@@ -1,7 +1,8 @@
-"""What the text-generation benchmarks share: the model, the prompts and small helpers.
+"""What the benchmarks share: progress output, a free port, and for the text ones the
+model and the prompts.
 
-Imported by scripts/bench_textgen.py and scripts/bench_llamacpp.py (run from scripts/, so
-this file is importable as `benchlib`).
+Imported by the scripts/bench_*.py scripts (run from scripts/, so this file is importable
+as `benchlib`).
 """
 
 from __future__ import annotations
